@@ -1,0 +1,759 @@
+//! The TOML configuration: schema, defaults, validation and secrets.
+//!
+//! Every section rejects unknown keys. [`Config::load`] parses a file, resolves
+//! relative paths against the file's directory, and runs [`Config::validate`],
+//! whose errors name the key and say what to do. Loading key and certificate
+//! files is left to [`crate::tls`] and [`crate::auth::jwt`], so `check` can report
+//! on each separately.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::rooms::RoomPattern;
+
+/// A configuration problem: which file, which key, what is wrong and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source} (pass an existing file with --config)")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listen address, WebSocket path, handshake and shutdown deadlines.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Certificate chain, key, client certificates.
+    pub tls: TlsConfig,
+    /// Token verification keys and rules.
+    pub auth: AuthConfig,
+    /// Origin allow-list.
+    #[serde(default)]
+    pub security: SecurityConfig,
+    /// Bounds on connections, frames, queues and rates.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Token expiry handling on open sessions.
+    #[serde(default)]
+    pub session: SessionConfig,
+    /// Direct-message rooms `dm:<a>:<b>`.
+    #[serde(default)]
+    pub dm: DmConfig,
+    /// The rooms users may join, with their permissions.
+    #[serde(default)]
+    pub rooms: Vec<RoomConfig>,
+    /// Log format and level.
+    #[serde(default)]
+    pub log: LogConfig,
+    /// The file this was read from, for error messages; set by [`Config::load`].
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Path of the WebSocket endpoint.
+    pub ws_path: String,
+    /// Deadline from TCP accept to a finished upgrade (TLS and HTTP together).
+    pub handshake_timeout_ms: u64,
+    /// How long shutdown waits for sessions to close before it stops anyway.
+    pub shutdown_grace_ms: u64,
+    /// Allow binding a non-loopback address while `tls.mode = "off"`.
+    pub allow_plaintext_public: bool,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            ws_path: "/ws".into(),
+            handshake_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            allow_plaintext_public: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// The server terminates TLS itself (the default).
+    #[default]
+    On,
+    /// A proxy in front terminates TLS; the server speaks plain HTTP.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    /// Client certificates are not asked for.
+    #[default]
+    Off,
+    /// Asked for, verified when sent, not required.
+    Optional,
+    /// Required: a handshake without a valid client certificate fails.
+    Required,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Whether this server terminates TLS.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of the leaf certificate.
+    pub key: Option<PathBuf>,
+    /// Client certificate policy.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// PEM bundle of CAs that issue client certificates.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum KeyAlgorithm {
+    HS256,
+    HS384,
+    HS512,
+    RS256,
+    RS384,
+    RS512,
+    PS256,
+    PS384,
+    PS512,
+    ES256,
+    ES384,
+    EdDSA,
+}
+
+impl KeyAlgorithm {
+    /// HMAC algorithms take a shared secret; the others a public key.
+    pub fn is_hmac(self) -> bool {
+        matches!(self, Self::HS256 | Self::HS384 | Self::HS512)
+    }
+}
+
+/// One token verification key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyConfig {
+    /// Key id matched against the token header's `kid`.
+    pub kid: String,
+    /// The one algorithm this key verifies.
+    pub algorithm: KeyAlgorithm,
+    /// File holding the HMAC secret (HS* keys).
+    pub secret_file: Option<PathBuf>,
+    /// Environment variable holding the HMAC secret (HS* keys).
+    pub secret_env: Option<String>,
+    /// PEM public key (RS*, PS*, ES*, EdDSA keys).
+    pub public_key_file: Option<PathBuf>,
+    /// PEM private key, used only by `securechat token` to mint tokens.
+    pub private_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Verification keys, selected by `kid`.
+    pub keys: Vec<KeyConfig>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim (one of), when set.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Clock skew allowed on `exp`, `nbf` and `iat`.
+    #[serde(default = "default_leeway")]
+    pub leeway_secs: u64,
+    /// Tokens longer than this are refused without being parsed.
+    #[serde(default = "default_max_token_bytes")]
+    pub max_token_bytes: usize,
+    /// Accept the `securechat_token` cookie.
+    #[serde(default)]
+    pub cookie: bool,
+    /// Accept `?token=` in the URL (off: URLs end up in logs).
+    #[serde(default)]
+    pub allow_query_token: bool,
+}
+
+fn default_leeway() -> u64 {
+    30
+}
+fn default_max_token_bytes() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// Origins allowed to open a WebSocket: `scheme://host[:port]` or
+    /// `https://*.example.com`.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Open connections on this node; over it the handshake gets 503.
+    pub max_connections: usize,
+    /// Largest application message (bytes, after reassembly).
+    pub max_message_bytes: usize,
+    /// Largest single WebSocket frame.
+    pub max_frame_bytes: usize,
+    /// Per-connection read buffer.
+    pub read_buffer_bytes: usize,
+    /// Per-connection write buffer before a flush is forced.
+    pub write_buffer_bytes: usize,
+    /// Hard cap on a connection's unflushed write buffer.
+    pub max_write_buffer_bytes: usize,
+    /// Messages waiting for one connection before it is closed as slow (4009).
+    pub outbound_queue_messages: usize,
+    /// Bytes waiting for one connection before it is closed as slow (4009).
+    pub outbound_queue_bytes: usize,
+    /// Rooms one connection may be in at once.
+    pub max_rooms_per_connection: usize,
+    /// Messages per second one connection may send (sustained).
+    pub rate_per_sec: u32,
+    /// Messages one connection may send in a burst.
+    pub burst: u32,
+    /// Rate-limit violations tolerated within one window before closing with 4008.
+    pub rate_strikes: u32,
+    /// The window for `rate_strikes`.
+    pub rate_strike_window_secs: u64,
+    /// Invalid frames tolerated before closing with 1008.
+    pub max_invalid_frames: u32,
+    /// Rooms the node keeps history for at once.
+    pub max_rooms: usize,
+    /// Concurrent HTTP/2 streams (WebSockets) on one connection.
+    pub h2_max_streams: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_message_bytes: 16 * 1024,
+            max_frame_bytes: 16 * 1024,
+            read_buffer_bytes: 4 * 1024,
+            write_buffer_bytes: 0,
+            max_write_buffer_bytes: 64 * 1024,
+            outbound_queue_messages: 256,
+            outbound_queue_bytes: 1024 * 1024,
+            max_rooms_per_connection: 32,
+            rate_per_sec: 20,
+            burst: 40,
+            rate_strikes: 10,
+            rate_strike_window_secs: 10,
+            max_invalid_frames: 10,
+            max_rooms: 10_000,
+            h2_max_streams: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// How long before the token's `exp` the server sends `session_expiring`.
+    pub expiry_warning_secs: u64,
+    /// How long the server waits for the client's close reply before dropping it.
+    pub close_timeout_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            expiry_warning_secs: 60,
+            close_timeout_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DmConfig {
+    /// Whether `dm:<a>:<b>` rooms exist.
+    pub enabled: bool,
+    /// Messages kept per direct-message room for `since` recovery.
+    pub history: usize,
+}
+
+impl Default for DmConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            history: 100,
+        }
+    }
+}
+
+/// One `[[rooms]]` entry: a room name or a `prefix-*` pattern.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomConfig {
+    /// Exact room name or a pattern ending in `*`.
+    pub name: String,
+    /// Roles that may join (`"*"`: any authenticated user).
+    #[serde(default = "any_role")]
+    pub join: Vec<String>,
+    /// Roles that may post.
+    #[serde(default = "any_role")]
+    pub post: Vec<String>,
+    /// Roles that may delete others' messages and kick.
+    #[serde(default = "moderator_roles")]
+    pub moderate: Vec<String>,
+    /// Messages kept for `since` recovery.
+    #[serde(default = "default_history")]
+    pub history: usize,
+    /// Only end-to-end encrypted (`enc`) payloads are accepted.
+    #[serde(default)]
+    pub e2e: bool,
+    /// Only tokens whose `amr` contains `mfa` may join.
+    #[serde(default)]
+    pub require_mfa: bool,
+}
+
+fn any_role() -> Vec<String> {
+    vec!["*".into()]
+}
+fn moderator_roles() -> Vec<String> {
+    vec!["admin".into(), "moderator".into()]
+}
+fn default_history() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// JSON when stdout is not a terminal, text when it is.
+    #[default]
+    Auto,
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `securechat=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Auto,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Upper bounds that validation enforces, so a typo cannot disable a limit.
+pub mod bounds {
+    pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+    pub const MAX_QUEUE_MESSAGES: usize = 65_536;
+    pub const MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+    pub const MAX_HISTORY: usize = 100_000;
+    pub const MAX_TOKEN_BYTES: usize = 64 * 1024;
+    pub const MAX_CONNECTIONS: usize = 1_000_000;
+    pub const MAX_ROOMS_PER_CONNECTION: usize = 10_000;
+    pub const MAX_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` only names the source in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', "\n  "),
+        })?;
+        config.source = path.to_owned();
+        Ok(config)
+    }
+
+    /// Makes relative file paths relative to `base` (the config file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut Option<PathBuf>| {
+            if let Some(path) = p.as_mut()
+                && path.is_relative()
+            {
+                *path = base.join(&*path);
+            }
+        };
+        fix(&mut self.tls.cert);
+        fix(&mut self.tls.key);
+        fix(&mut self.tls.client_ca);
+        for key in &mut self.auth.keys {
+            fix(&mut key.secret_file);
+            fix(&mut key.public_key_file);
+            fix(&mut key.private_key_file);
+        }
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Checks every setting that can be checked without reading other files.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_tls()?;
+        self.validate_auth()?;
+        for (i, origin) in self.security.allowed_origins.iter().enumerate() {
+            crate::auth::origin::OriginPattern::parse(origin).map_err(|e| {
+                self.invalid(format!("security.allowed_origins[{i}]"), e.to_string())
+            })?;
+        }
+        self.validate_limits()?;
+        self.validate_rooms()?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            self.invalid(
+                "log.level",
+                format!("{e}; use a level such as \"info\" or \"securechat=debug,info\""),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if !s.ws_path.starts_with('/') || s.ws_path.contains(['?', '#', ' ']) {
+            return Err(self.invalid(
+                "server.ws_path",
+                "must be an absolute URL path such as \"/ws\"",
+            ));
+        }
+        if s.ws_path == "/healthz" || s.ws_path == "/readyz" {
+            return Err(self.invalid("server.ws_path", "collides with a health endpoint"));
+        }
+        for (key, value) in [
+            ("server.handshake_timeout_ms", s.handshake_timeout_ms),
+            ("server.shutdown_grace_ms", s.shutdown_grace_ms),
+        ] {
+            if value == 0 || value > bounds::MAX_TIMEOUT_MS {
+                return Err(self.invalid(
+                    key,
+                    format!("must be between 1 and {} ms", bounds::MAX_TIMEOUT_MS),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let t = &self.tls;
+        match t.mode {
+            TlsMode::On => {
+                if t.cert.is_none() {
+                    return Err(self.invalid(
+                        "tls.cert",
+                        "missing: set it to a PEM certificate chain (see `securechat gen-cert`)",
+                    ));
+                }
+                if t.key.is_none() {
+                    return Err(self.invalid("tls.key", "missing: set it to the PEM private key"));
+                }
+            }
+            TlsMode::Off => {
+                if t.client_auth != ClientAuth::Off {
+                    return Err(self.invalid(
+                        "tls.client_auth",
+                        "client certificates need tls.mode = \"on\"",
+                    ));
+                }
+                if !self.server.listen.ip().is_loopback() && !self.server.allow_plaintext_public {
+                    return Err(self.invalid(
+                        "server.listen",
+                        "tls.mode = \"off\" binds loopback only; set server.allow_plaintext_public = true if a TLS proxy guards this address",
+                    ));
+                }
+            }
+        }
+        match (t.client_auth, &t.client_ca) {
+            (ClientAuth::Off, Some(_)) => Err(self.invalid(
+                "tls.client_ca",
+                "set but tls.client_auth is \"off\": set client_auth to \"optional\" or \"required\", or remove client_ca",
+            )),
+            (ClientAuth::Optional | ClientAuth::Required, None) => Err(self.invalid(
+                "tls.client_ca",
+                "missing: client_auth needs the PEM bundle of CAs that issue client certificates",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if a.keys.is_empty() {
+            return Err(self.invalid(
+                "auth.keys",
+                "no verification key: add at least one [[auth.keys]] entry",
+            ));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, k) in a.keys.iter().enumerate() {
+            let key = |field: &str| format!("auth.keys[{i}].{field}");
+            if k.kid.is_empty() || k.kid.len() > 128 {
+                return Err(self.invalid(key("kid"), "must be 1 to 128 characters"));
+            }
+            if !seen.insert(k.kid.as_str()) {
+                return Err(self.invalid(key("kid"), format!("duplicate kid {:?}", k.kid)));
+            }
+            if k.algorithm.is_hmac() {
+                if k.secret_file.is_some() == k.secret_env.is_some() {
+                    return Err(self.invalid(
+                        key("secret_file"),
+                        "an HMAC key needs exactly one of secret_file or secret_env",
+                    ));
+                }
+                if k.public_key_file.is_some() || k.private_key_file.is_some() {
+                    return Err(self.invalid(
+                        key("public_key_file"),
+                        "an HMAC key takes a secret, not a public/private key file",
+                    ));
+                }
+            } else {
+                if k.public_key_file.is_none() {
+                    return Err(self.invalid(
+                        key("public_key_file"),
+                        format!("missing: a {:?} key needs a PEM public key", k.algorithm),
+                    ));
+                }
+                if k.secret_file.is_some() || k.secret_env.is_some() {
+                    return Err(self.invalid(
+                        key("secret_file"),
+                        format!(
+                            "a {:?} key takes public_key_file, not a shared secret",
+                            k.algorithm
+                        ),
+                    ));
+                }
+            }
+        }
+        if a.max_token_bytes < 64 || a.max_token_bytes > bounds::MAX_TOKEN_BYTES {
+            return Err(self.invalid(
+                "auth.max_token_bytes",
+                format!("must be between 64 and {}", bounds::MAX_TOKEN_BYTES),
+            ));
+        }
+        if a.leeway_secs > 300 {
+            return Err(self.invalid(
+                "auth.leeway_secs",
+                "must be at most 300: a larger leeway keeps expired tokens alive",
+            ));
+        }
+        if a.issuer.as_deref() == Some("") {
+            return Err(self.invalid("auth.issuer", "empty: remove it or name the issuer"));
+        }
+        Ok(())
+    }
+
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let check = |key: &str, value: usize, min: usize, max: usize| {
+            if value < min || value > max {
+                Err(self.invalid(
+                    format!("limits.{key}"),
+                    format!("{value} is out of range: must be between {min} and {max}"),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        check("max_connections", l.max_connections, 1, bounds::MAX_CONNECTIONS)?;
+        check(
+            "max_message_bytes",
+            l.max_message_bytes,
+            256,
+            bounds::MAX_MESSAGE_BYTES,
+        )?;
+        check("max_frame_bytes", l.max_frame_bytes, 256, l.max_message_bytes)?;
+        check("read_buffer_bytes", l.read_buffer_bytes, 512, 1024 * 1024)?;
+        check("write_buffer_bytes", l.write_buffer_bytes, 0, 1024 * 1024)?;
+        check(
+            "max_write_buffer_bytes",
+            l.max_write_buffer_bytes,
+            l.write_buffer_bytes + l.max_message_bytes + 1,
+            64 * 1024 * 1024,
+        )?;
+        check(
+            "outbound_queue_messages",
+            l.outbound_queue_messages,
+            4,
+            bounds::MAX_QUEUE_MESSAGES,
+        )?;
+        check(
+            "outbound_queue_bytes",
+            l.outbound_queue_bytes,
+            l.max_message_bytes * 2,
+            bounds::MAX_QUEUE_BYTES,
+        )?;
+        check(
+            "max_rooms_per_connection",
+            l.max_rooms_per_connection,
+            1,
+            bounds::MAX_ROOMS_PER_CONNECTION,
+        )?;
+        check("rate_per_sec", l.rate_per_sec as usize, 1, 100_000)?;
+        check("burst", l.burst as usize, 1, 100_000)?;
+        check("max_invalid_frames", l.max_invalid_frames as usize, 1, 10_000)?;
+        check("rate_strikes", l.rate_strikes as usize, 1, 10_000)?;
+        check(
+            "rate_strike_window_secs",
+            l.rate_strike_window_secs as usize,
+            1,
+            3600,
+        )?;
+        check("max_rooms", l.max_rooms, 1, 10_000_000)?;
+        check("h2_max_streams", l.h2_max_streams as usize, 1, 1000)?;
+        let s = &self.session;
+        if s.close_timeout_ms == 0 || s.close_timeout_ms > bounds::MAX_TIMEOUT_MS {
+            return Err(self.invalid(
+                "session.close_timeout_ms",
+                format!("must be between 1 and {} ms", bounds::MAX_TIMEOUT_MS),
+            ));
+        }
+        if s.expiry_warning_secs > 3600 {
+            return Err(self.invalid("session.expiry_warning_secs", "must be at most 3600"));
+        }
+        Ok(())
+    }
+
+    fn validate_rooms(&self) -> Result<(), ConfigError> {
+        if self.dm.history > bounds::MAX_HISTORY {
+            return Err(self.invalid(
+                "dm.history",
+                format!("must be at most {}", bounds::MAX_HISTORY),
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, room) in self.rooms.iter().enumerate() {
+            let key = |field: &str| format!("rooms[{i}].{field}");
+            RoomPattern::parse(&room.name).map_err(|e| self.invalid(key("name"), e))?;
+            if room.name.starts_with("dm:") {
+                return Err(self.invalid(
+                    key("name"),
+                    "names starting with \"dm:\" are reserved for direct messages ([dm] enabled = true)",
+                ));
+            }
+            if !names.insert(room.name.as_str()) {
+                return Err(self.invalid(key("name"), format!("duplicate room {:?}", room.name)));
+            }
+            if room.history > bounds::MAX_HISTORY {
+                return Err(self.invalid(
+                    key("history"),
+                    format!("must be at most {}", bounds::MAX_HISTORY),
+                ));
+            }
+            for (field, roles) in [
+                ("join", &room.join),
+                ("post", &room.post),
+                ("moderate", &room.moderate),
+            ] {
+                if roles.iter().any(|r| r.is_empty() || r.len() > 64) {
+                    return Err(self.invalid(key(field), "role names are 1 to 64 characters"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Durations, as [`Duration`]s.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.handshake_timeout_ms)
+    }
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.server.shutdown_grace_ms)
+    }
+}
+
+/// A secret value (an HMAC key): its `Debug` never shows it, equality is
+/// constant-time, and its bytes are zeroed when it is dropped.
+#[derive(Clone)]
+pub struct Secret(zeroize::Zeroizing<Vec<u8>>);
+
+impl Secret {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(zeroize::Zeroizing::new(bytes))
+    }
+    /// The raw bytes, for handing to a verifier. Never log them.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(MASKED)")
+    }
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_slice().ct_eq(other.0.as_slice()).into()
+    }
+}
+impl Eq for Secret {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_is_masked() {
+        let s = Secret::new(b"hunter2-hunter2".to_vec());
+        assert_eq!(format!("{s:?}"), "Secret(MASKED)");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s, Secret::new(b"hunter2-hunter2".to_vec()));
+        assert_ne!(s, Secret::new(b"hunter2-hunter3".to_vec()));
+    }
+}

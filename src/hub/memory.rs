@@ -1,0 +1,203 @@
+//! The single-node broker: sequence and history in memory, fan-out by calling
+//! the hub directly under the room's lock, so every member sees seq order.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use super::broker::{Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent};
+use crate::protocol::{MessageFrame, ServerFrame};
+use crate::sync::lock;
+
+struct Stored {
+    seq: u64,
+    author: String,
+    frame: Utf8Bytes,
+}
+
+#[derive(Default)]
+struct RoomLog {
+    /// The last seq given out.
+    latest: u64,
+    /// The highest seq dropped from history for length (not deletion).
+    evicted_through: u64,
+    history: VecDeque<Stored>,
+}
+
+/// In-memory broker. Room logs are bounded in number: past `max_rooms`, the
+/// log of a room nobody is subscribed to is dropped to make space.
+pub struct MemoryBroker {
+    rooms: Mutex<HashMap<String, Arc<Mutex<RoomLog>>>>,
+    subscribed: Mutex<std::collections::HashSet<String>>,
+    max_rooms: usize,
+    sink: OnceLock<Weak<dyn EventSink>>,
+}
+
+impl MemoryBroker {
+    pub fn new(max_rooms: usize) -> Self {
+        Self {
+            rooms: Mutex::new(HashMap::new()),
+            subscribed: Mutex::new(Default::default()),
+            max_rooms,
+            sink: OnceLock::new(),
+        }
+    }
+
+    fn log(&self, room: &str) -> Result<Arc<Mutex<RoomLog>>, BrokerError> {
+        let mut rooms = lock(&self.rooms);
+        if let Some(log) = rooms.get(room) {
+            return Ok(log.clone());
+        }
+        if rooms.len() >= self.max_rooms {
+            let subscribed = lock(&self.subscribed);
+            let idle = rooms.keys().find(|r| !subscribed.contains(*r)).cloned();
+            match idle {
+                Some(idle) => {
+                    rooms.remove(&idle);
+                }
+                None => return Err(BrokerError("room limit reached".into())),
+            }
+        }
+        let log = Arc::new(Mutex::new(RoomLog::default()));
+        rooms.insert(room.to_owned(), log.clone());
+        Ok(log)
+    }
+
+    fn deliver(&self, room: &str, event: &RoomEvent) {
+        if let Some(sink) = self.sink.get().and_then(Weak::upgrade) {
+            sink.deliver(room, event);
+        }
+    }
+}
+
+/// A fresh random id for a message, 128 bits in hex.
+fn message_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[async_trait::async_trait]
+impl Broker for MemoryBroker {
+    fn attach(&self, sink: Weak<dyn EventSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {
+        lock(&self.subscribed).insert(room.to_owned());
+        Ok(())
+    }
+
+    fn unsubscribe(&self, room: &str) {
+        lock(&self.subscribed).remove(room);
+    }
+
+    async fn publish(
+        &self,
+        room: &str,
+        history_len: usize,
+        draft: Draft,
+    ) -> Result<u64, BrokerError> {
+        let log = self.log(room)?;
+        let mut log = lock(&log);
+        let seq = log.latest + 1;
+        let id = message_id();
+        let ts = crate::protocol::now_rfc3339();
+        let frame = MessageFrame {
+            kind: "message",
+            room,
+            seq,
+            id: &id,
+            from: &draft.from,
+            payload: &draft.payload,
+            ts: &ts,
+        };
+        let text = serde_json::to_string(&frame).map_err(|e| BrokerError(e.to_string()))?;
+        let frame = Utf8Bytes::from(text);
+        log.latest = seq;
+        if history_len > 0 {
+            log.history.push_back(Stored {
+                seq,
+                author: draft.from.sub.clone(),
+                frame: frame.clone(),
+            });
+        } else {
+            log.evicted_through = seq;
+        }
+        while log.history.len() > history_len {
+            if let Some(old) = log.history.pop_front() {
+                log.evicted_through = old.seq;
+            }
+        }
+        // Delivered under the room's lock: the next publish waits, so every
+        // member's queue receives this room's messages in seq order.
+        self.deliver(room, &RoomEvent::Message { seq, frame });
+        Ok(seq)
+    }
+
+    async fn history(&self, room: &str, since: Option<u64>) -> Result<History, BrokerError> {
+        let log = self.log(room)?;
+        let log = lock(&log);
+        let Some(since) = since else {
+            return Ok(History {
+                latest: log.latest,
+                messages: Vec::new(),
+                complete: true,
+            });
+        };
+        // A `since` beyond the latest seq means the room's sequence restarted
+        // (a restart of this node): replay all that is held, not recovered.
+        let (from, complete) = if since > log.latest {
+            (0, false)
+        } else {
+            (since, since >= log.evicted_through)
+        };
+        let messages = log
+            .history
+            .iter()
+            .filter(|m| m.seq > from)
+            .map(|m| (m.seq, m.frame.clone()))
+            .collect();
+        Ok(History {
+            latest: log.latest,
+            messages,
+            complete,
+        })
+    }
+
+    async fn delete(
+        &self,
+        room: &str,
+        seq: u64,
+        by: &str,
+        any_author: bool,
+    ) -> Result<DeleteOutcome, BrokerError> {
+        let log = self.log(room)?;
+        let mut log = lock(&log);
+        let Ok(index) = log.history.binary_search_by_key(&seq, |m| m.seq) else {
+            return Ok(DeleteOutcome::NotFound);
+        };
+        if !any_author && log.history[index].author != by {
+            return Ok(DeleteOutcome::Forbidden);
+        }
+        log.history.remove(index);
+        let frame = ServerFrame::Deleted { room, seq, by }.to_json();
+        self.deliver(
+            room,
+            &RoomEvent::Deleted {
+                seq,
+                frame: Utf8Bytes::from(frame),
+            },
+        );
+        Ok(DeleteOutcome::Deleted)
+    }
+
+    async fn kick(&self, room: &str, user: &str) -> Result<(), BrokerError> {
+        self.deliver(
+            room,
+            &RoomEvent::Kick {
+                user: user.to_owned(),
+            },
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,266 @@
+//! The hub: who is in which room on this node, and delivery of room events
+//! to their queues. Sequence, history and cross-node fan-out belong to the
+//! [`broker::Broker`] underneath.
+//!
+//! Joining is ordered so that a member sees every message exactly once and in
+//! seq order: the member is registered as *pending* (live events are buffered),
+//! history after `since` is fetched, then `joined`, the replay and the buffered
+//! events newer than the replay are queued, and the member goes live.
+
+pub mod broker;
+pub mod memory;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::sync::OnceCell;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+use broker::{Broker, BrokerError, EventSink, RoomEvent};
+
+use crate::protocol::ServerFrame;
+use crate::session::outbox::Outbox;
+use crate::sync::{lock, read, write};
+
+/// A session's membership of one room, shared by the session and the hub:
+/// the hub clears `active` when the member is kicked.
+#[derive(Debug)]
+pub struct Membership {
+    active: AtomicBool,
+}
+
+impl Membership {
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A session as the hub sees it.
+#[derive(Clone)]
+pub struct MemberHandle {
+    pub session_id: u64,
+    pub sub: Arc<str>,
+    pub outbox: Outbox,
+}
+
+enum MemberState {
+    /// Joining: live events are held until the history replay is queued.
+    Pending(Vec<RoomEvent>),
+    /// Live: message events with seq above `min_seq` are queued.
+    Live { min_seq: u64 },
+}
+
+struct Member {
+    handle: MemberHandle,
+    membership: Arc<Membership>,
+    state: MemberState,
+}
+
+#[derive(Default)]
+struct LocalRoom {
+    members: Mutex<HashMap<u64, Member>>,
+    /// Set once the broker delivers this room's events to this node.
+    subscribed: OnceCell<()>,
+}
+
+/// What a successful join reports.
+#[derive(Debug, Clone, Copy)]
+pub struct Joined {
+    pub latest: u64,
+    pub recovered: bool,
+}
+
+/// Rooms with members on this node.
+pub struct Hub {
+    rooms: RwLock<HashMap<String, Arc<LocalRoom>>>,
+    broker: Arc<dyn Broker>,
+    /// Most messages replayed on one join: half the outbound queue, so the
+    /// replay itself cannot make the member a slow consumer.
+    max_replay: usize,
+}
+
+impl Hub {
+    pub fn new(broker: Arc<dyn Broker>, outbound_queue_messages: usize) -> Arc<Self> {
+        let hub = Arc::new(Self {
+            rooms: RwLock::new(HashMap::new()),
+            broker: broker.clone(),
+            max_replay: (outbound_queue_messages / 2).max(1),
+        });
+        let sink: Arc<dyn EventSink> = hub.clone();
+        broker.attach(Arc::downgrade(&sink));
+        hub
+    }
+
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// Number of rooms with members on this node.
+    pub fn room_count(&self) -> usize {
+        read(&self.rooms).len()
+    }
+
+    /// Adds a member to `room`, replaying what it missed after `since`. The
+    /// `joined` frame and the replay are queued on the member's outbox.
+    pub async fn join(
+        &self,
+        room: &str,
+        member: MemberHandle,
+        since: Option<u64>,
+    ) -> Result<(Joined, Arc<Membership>), BrokerError> {
+        let membership = Arc::new(Membership {
+            active: AtomicBool::new(true),
+        });
+        let session_id = member.session_id;
+        let local = {
+            let mut rooms = write(&self.rooms);
+            let local = rooms.entry(room.to_owned()).or_default().clone();
+            lock(&local.members).insert(
+                session_id,
+                Member {
+                    handle: member.clone(),
+                    membership: membership.clone(),
+                    state: MemberState::Pending(Vec::new()),
+                },
+            );
+            local
+        };
+        let history = async {
+            local
+                .subscribed
+                .get_or_try_init(|| self.broker.subscribe(room))
+                .await?;
+            self.broker.history(room, since).await
+        }
+        .await;
+        let history = match history {
+            Ok(history) => history,
+            Err(e) => {
+                self.leave(room, session_id);
+                return Err(e);
+            }
+        };
+
+        let mut members = lock(&local.members);
+        let Some(entry) = members.get_mut(&session_id) else {
+            // Kicked or left while joining.
+            return Err(BrokerError("membership ended while joining".into()));
+        };
+        let skip = history.messages.len().saturating_sub(self.max_replay);
+        let recovered = since.is_none() || (history.complete && skip == 0);
+        let mut last = history.latest;
+        let outbox = &entry.handle.outbox;
+        outbox.push_text(
+            ServerFrame::Joined {
+                room,
+                seq: history.latest,
+                recovered,
+            }
+            .to_json(),
+        );
+        for (seq, frame) in history.messages.into_iter().skip(skip) {
+            outbox.push(frame);
+            last = last.max(seq);
+        }
+        if let MemberState::Pending(buffered) =
+            std::mem::replace(&mut entry.state, MemberState::Live { min_seq: 0 })
+        {
+            for event in buffered {
+                match event {
+                    RoomEvent::Message { seq, frame } if seq > last => {
+                        outbox.push(frame);
+                        last = seq;
+                    }
+                    RoomEvent::Message { .. } => {}
+                    RoomEvent::Deleted { frame, .. } => {
+                        outbox.push(frame);
+                    }
+                    RoomEvent::Kick { .. } => {}
+                }
+            }
+        }
+        entry.state = MemberState::Live { min_seq: last };
+        Ok((
+            Joined {
+                latest: history.latest,
+                recovered,
+            },
+            membership,
+        ))
+    }
+
+    /// Removes a member; the last one out unsubscribes the node from the room.
+    pub fn leave(&self, room: &str, session_id: u64) {
+        let mut rooms = write(&self.rooms);
+        let Some(local) = rooms.get(room) else {
+            return;
+        };
+        let empty = {
+            let mut members = lock(&local.members);
+            if let Some(member) = members.remove(&session_id) {
+                member.membership.active.store(false, Ordering::Release);
+            }
+            members.is_empty()
+        };
+        if empty {
+            rooms.remove(room);
+            self.broker.unsubscribe(room);
+        }
+    }
+
+    fn kick(&self, local: &LocalRoom, room: &str, user: &str) {
+        let mut members = lock(&local.members);
+        let frame = Utf8Bytes::from(
+            ServerFrame::Left {
+                room,
+                reason: "kicked",
+            }
+            .to_json(),
+        );
+        members.retain(|_, member| {
+            if &*member.handle.sub != user {
+                return true;
+            }
+            member.membership.active.store(false, Ordering::Release);
+            member.handle.outbox.push(frame.clone());
+            false
+        });
+    }
+}
+
+impl EventSink for Hub {
+    fn deliver(&self, room: &str, event: &RoomEvent) {
+        let Some(local) = read(&self.rooms).get(room).cloned() else {
+            return;
+        };
+        if let RoomEvent::Kick { user } = event {
+            self.kick(&local, room, user);
+            return;
+        }
+        let mut members = lock(&local.members);
+        for member in members.values_mut() {
+            match (&mut member.state, event) {
+                (MemberState::Pending(buffer), _) => {
+                    if buffer.len() >= self.max_replay {
+                        member
+                            .handle
+                            .outbox
+                            .close(crate::protocol::Disconnect::SlowConsumer);
+                    } else {
+                        buffer.push(event.clone());
+                    }
+                }
+                (MemberState::Live { min_seq }, RoomEvent::Message { seq, frame }) => {
+                    if *seq > *min_seq {
+                        member.handle.outbox.push(frame.clone());
+                    }
+                }
+                (MemberState::Live { .. }, RoomEvent::Deleted { frame, .. }) => {
+                    member.handle.outbox.push(frame.clone());
+                }
+                (MemberState::Live { .. }, RoomEvent::Kick { .. }) => {}
+            }
+        }
+    }
+}

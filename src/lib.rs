@@ -1,0 +1,129 @@
+//! securechat: a secure real-time chat server. TLS (rustls), HTTP (hyper),
+//! WebSocket (tungstenite), every connection authenticated with a JWT and its
+//! Origin checked before the upgrade; rooms with per-message permissions.
+//!
+//! # Layout
+//! The modules follow the path of a connection:
+//! - [`config`]: the TOML schema, defaults, `validate()`, the `Secret` type.
+//! - [`tls`]: rustls server configuration (aws-lc-rs), client certificates.
+//! - [`certs`]: development certificates (`gen-cert`, `serve --dev`).
+//! - [`server`]: accept loop, connection cap, handshake deadline, shutdown.
+//! - [`http`]: routes; the upgrade checks (shape, subprotocol, Origin, token).
+//! - [`refusal`]: every HTTP refusal and its status, in one place.
+//! - [`auth`]: token verification ([`auth::jwt`]), Origin allow-list
+//!   ([`auth::origin`]), where a credential comes from ([`auth::credentials`]).
+//! - [`protocol`]: the wire contract: frames, error codes, close codes. Pure.
+//! - [`rooms`]: room rules and permission decisions. Pure.
+//! - [`session`]: one WebSocket: reader, frame handlers, bounded outbox, writer.
+//! - [`hub`]: rooms and members on this node; [`hub::broker`] (sequence,
+//!   history, fan-out) underneath, with the in-memory [`hub::memory`] broker.
+//! - [`state`]: what all connections share.
+//! - [`dev`]: the zero-configuration `serve --dev` setup.
+//! - [`telemetry`]: logging, JSON or text.
+//!
+//! [`start`] turns a loaded configuration into a bound [`server::Server`];
+//! `Server::run(shutdown)` serves until the shutdown future completes, so
+//! tests drive the real server on `127.0.0.1:0`.
+
+pub mod auth;
+pub mod certs;
+pub mod config;
+pub mod dev;
+pub mod http;
+pub mod hub;
+pub mod protocol;
+pub mod refusal;
+pub mod rooms;
+pub mod server;
+pub mod session;
+pub mod state;
+mod sync;
+pub mod telemetry;
+pub mod tls;
+
+use std::sync::Arc;
+
+use auth::jwt::{KeyError, KeyRing};
+use config::{Config, ConfigError, TlsMode};
+use hub::memory::MemoryBroker;
+use state::AppState;
+use tls::{TlsError, TlsSetup};
+
+/// Why the server did not start. Each names the setting and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{}: {source}", path.display())]
+    Tls {
+        source: TlsError,
+        path: std::path::PathBuf,
+    },
+    #[error("{}: {source}", path.display())]
+    Key {
+        source: KeyError,
+        path: std::path::PathBuf,
+    },
+    #[error("cannot listen on {addr} (server.listen): {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A configuration with its keys and certificates loaded.
+pub struct Prepared {
+    pub config: Config,
+    pub keys: KeyRing,
+    /// `None` when `tls.mode = "off"`.
+    pub tls: Option<TlsSetup>,
+}
+
+impl Prepared {
+    /// Loads every key and certificate the configuration names.
+    pub fn load(config: Config) -> Result<Self, StartError> {
+        install_crypto_providers();
+        let keys = KeyRing::load(&config.auth).map_err(|source| StartError::Key {
+            source,
+            path: config.source.clone(),
+        })?;
+        let tls = match config.tls.mode {
+            TlsMode::On => Some(tls::load(&config.tls).map_err(|source| StartError::Tls {
+                source,
+                path: config.source.clone(),
+            })?),
+            TlsMode::Off => None,
+        };
+        Ok(Self { config, keys, tls })
+    }
+}
+
+/// Installs aws-lc-rs for rustls and jsonwebtoken (idempotent).
+pub fn install_crypto_providers() {
+    tls::install_default_provider();
+    auth::jwt::install_crypto_provider();
+}
+
+/// Binds the listener and builds the shared state.
+pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
+    let Prepared { config, keys, tls } = prepared;
+    let addr = config.server.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    if tls.is_none() {
+        tracing::warn!(
+            event = "tls.off",
+            listen = %addr,
+            "TLS is off (tls.mode = \"off\"): a proxy in front must terminate TLS"
+        );
+    }
+    let broker = Arc::new(MemoryBroker::new(config.limits.max_rooms));
+    let hub = hub::Hub::new(broker, config.limits.outbound_queue_messages);
+    let state = Arc::new(AppState::new(Arc::new(config), Arc::new(keys), hub));
+    Ok(server::Server::new(
+        listener,
+        state,
+        tls.map(|t| t.config),
+    ))
+}

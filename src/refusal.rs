@@ -1,0 +1,126 @@
+//! Every refusal before the upgrade, mapped to its HTTP status and JSON body
+//! in one place: `{"error": CODE, "message": TEXT}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+/// Why a request did not become a WebSocket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a valid WebSocket upgrade; the text says what is wrong.
+    BadRequest(&'static str),
+    /// No credential offered.
+    MissingToken,
+    /// A credential that does not verify; the text is a short log reason.
+    InvalidToken(&'static str),
+    /// The token's `exp` has passed.
+    TokenExpired,
+    /// `Origin` not on the allow-list, or missing where it is required.
+    OriginNotAllowed,
+    /// Refused for another reason (client certificate, ban).
+    Forbidden(&'static str),
+    /// Per-IP cap reached.
+    TooManyConnections,
+    /// Handshake rate or temporary ban.
+    RateLimited,
+    /// Node-wide connection cap reached.
+    OverCapacity,
+    /// Draining for shutdown.
+    ShuttingDown,
+    /// No such path.
+    NotFound,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::MissingToken | Self::InvalidToken(_) | Self::TokenExpired => {
+                StatusCode::UNAUTHORIZED
+            }
+            Self::OriginNotAllowed | Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::TooManyConnections | Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::OverCapacity | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NotFound => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The contract's code, also the `reason` label in metrics and logs.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::MissingToken => "missing_token",
+            Self::InvalidToken(_) => "invalid_token",
+            Self::TokenExpired => "token_expired",
+            Self::OriginNotAllowed => "origin_not_allowed",
+            Self::Forbidden(_) => "forbidden",
+            Self::TooManyConnections => "too_many_connections",
+            Self::RateLimited => "rate_limited",
+            Self::OverCapacity => "over_capacity",
+            Self::ShuttingDown => "shutting_down",
+            Self::NotFound => "not_found",
+        }
+    }
+
+    /// Human text for the body. Never contains the token.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::BadRequest(text) => text,
+            Self::MissingToken => {
+                "no token: send Authorization: Bearer <jwt> or the securechat.bearer.<jwt> subprotocol"
+            }
+            Self::InvalidToken(_) => "the token is not valid",
+            Self::TokenExpired => "the token has expired",
+            Self::OriginNotAllowed => "this origin may not open a connection",
+            Self::Forbidden(text) => text,
+            Self::TooManyConnections => "too many connections from this address",
+            Self::RateLimited => "too many attempts: try again later",
+            Self::OverCapacity => "the server is at capacity: try again later",
+            Self::ShuttingDown => "the server is shutting down: reconnect",
+            Self::NotFound => "no such path",
+        }
+    }
+
+    pub fn response(self) -> Response<Full<Bytes>> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        let mut response = json_response(self.status(), &body);
+        let headers = response.headers_mut();
+        match self {
+            Self::MissingToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"securechat\""),
+                );
+            }
+            Self::InvalidToken(_) | Self::TokenExpired => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            Self::OverCapacity | Self::ShuttingDown | Self::RateLimited | Self::TooManyConnections => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// A JSON response with the headers every answer carries.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}

@@ -1,0 +1,263 @@
+//! The accept loop: connection cap, TLS, HTTP (1.1 and 2), the handshake
+//! deadline, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use crate::http::{self, ConnInfo};
+use crate::refusal::Refusal;
+use crate::state::AppState;
+
+/// Connections over the cap that still get a proper 503 answer at once; past
+/// this many, further ones are closed without an answer.
+const MAX_REFUSALS_IN_FLIGHT: usize = 64;
+/// How long an over-capacity refusal may take.
+const REFUSAL_DEADLINE: Duration = Duration::from_secs(3);
+
+/// A bound listener with everything needed to serve.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    tls: Option<TlsAcceptor>,
+    /// One permit per open connection, up to `limits.max_connections`.
+    connections: Arc<Semaphore>,
+    /// Permits for answering connections over the cap.
+    refusals: Arc<Semaphore>,
+}
+
+impl Server {
+    pub fn new(
+        listener: TcpListener,
+        state: Arc<AppState>,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
+        let max = state.config.limits.max_connections;
+        Self {
+            listener,
+            tls: tls.map(TlsAcceptor::from),
+            connections: Arc::new(Semaphore::new(max)),
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            state,
+        }
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The shared state, for tests and embedding.
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains: `/readyz` turns 503,
+    /// every session is closed with 1001, and the tasks get
+    /// `server.shutdown_grace_ms` to finish.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        backoff = Duration::from_millis(10);
+                        self.accept(tcp, peer);
+                    }
+                    Err(e) => {
+                        // Out of descriptors or a transient error: back off
+                        // instead of spinning, keep serving the open sessions.
+                        warn!(event = "accept.failed", error = %e, backoff_ms = backoff.as_millis() as u64);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                },
+            }
+        }
+        drop(self.listener);
+        drain(&self.state).await;
+    }
+}
+
+/// Stops new upgrades, closes every session with 1001 and waits for the
+/// tasks, at most `server.shutdown_grace_ms`.
+async fn drain(state: &AppState) {
+        info!(event = "server.draining", "shutting down: closing sessions");
+        state.draining.store(true, Ordering::Release);
+        state.shutdown.cancel();
+        state.tasks.close();
+        let grace = state.config.shutdown_grace();
+        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+            warn!(
+                event = "server.drain_timeout",
+                open_tasks = state.tasks.len(),
+                "tasks still open after the shutdown grace period; stopping anyway"
+            );
+        }
+        info!(event = "server.stopped", "server stopped");
+}
+
+impl Server {
+    fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
+        let _ = tcp.set_nodelay(true);
+        let state = self.state.clone();
+        let tls = self.tls.clone();
+        match self.connections.clone().try_acquire_owned() {
+            Ok(permit) => {
+                self.state
+                    .tasks
+                    .spawn(serve_connection(tcp, peer, state, tls, permit));
+            }
+            Err(_) => {
+                metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => Refusal::OverCapacity.code())
+                    .increment(1);
+                if let Ok(slot) = self.refusals.clone().try_acquire_owned() {
+                    self.state.tasks.spawn(async move {
+                        let _slot = slot;
+                        let _ = tokio::time::timeout(
+                            REFUSAL_DEADLINE,
+                            refuse_connection(tcp, peer, tls, Refusal::OverCapacity),
+                        )
+                        .await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// TLS (when on) then HTTP, all within the handshake deadline.
+async fn serve_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    tls: Option<TlsAcceptor>,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + state.config.handshake_timeout();
+    let Some(tls) = tls else {
+        return serve_http(tcp, peer, None, state, permit, deadline).await;
+    };
+    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+        Ok(Ok(stream)) => {
+            let subject = crate::tls::client_subject(stream.get_ref().1);
+            serve_http(stream, peer, subject, state, permit, deadline).await
+        }
+        Ok(Err(e)) => {
+            metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "tls")
+                .increment(1);
+            debug!(event = "handshake.refused", peer = %peer, reason = "tls", error = %e);
+        }
+        Err(_) => {
+            metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "timeout")
+                .increment(1);
+            debug!(event = "handshake.refused", peer = %peer, reason = "timeout", stage = "tls");
+        }
+    }
+}
+
+fn http_builder(state: &AppState, remaining: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(remaining)
+        .max_buf_size(16 * 1024)
+        .max_headers(64);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(state.config.limits.h2_max_streams)
+        .max_header_list_size(16 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+async fn serve_http<IO>(
+    io: IO,
+    peer: SocketAddr,
+    client_subject: Option<String>,
+    state: Arc<AppState>,
+    permit: OwnedSemaphorePermit,
+    deadline: Instant,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(ConnInfo {
+        peer,
+        client_subject,
+        upgraded: AtomicBool::new(false),
+        permit: Arc::new(permit),
+    });
+    let service = {
+        let state = state.clone();
+        let info = info.clone();
+        service_fn(move |req| http::handle(req, state.clone(), info.clone()))
+    };
+    let remaining = deadline.saturating_duration_since(Instant::now());
+    let builder = http_builder(&state, remaining.max(Duration::from_millis(1)));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let shutdown = state.shutdown.clone();
+    let mut deadline_passed = false;
+    let mut shutting_down = false;
+    loop {
+        tokio::select! {
+            _ = conn.as_mut() => break,
+            () = tokio::time::sleep_until(deadline), if !deadline_passed => {
+                deadline_passed = true;
+                if !info.upgraded.load(Ordering::Acquire) {
+                    metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "timeout")
+                        .increment(1);
+                    debug!(event = "handshake.refused", peer = %peer, reason = "timeout", stage = "http");
+                    break;
+                }
+            }
+            () = shutdown.cancelled(), if !shutting_down => {
+                shutting_down = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Answers every request on an over-capacity connection with a refusal.
+async fn refuse_connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    refusal: Refusal,
+) {
+    debug!(event = "handshake.refused", peer = %peer, reason = refusal.code());
+    let service = service_fn(move |_req| async move {
+        Ok::<_, std::convert::Infallible>(refusal.response())
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(false);
+    match tls {
+        Some(tls) => {
+            if let Ok(stream) = tls.accept(tcp).await {
+                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            }
+        }
+        None => {
+            let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! One WebSocket connection after the upgrade: a reader that handles client
+//! frames and a writer that drains the bounded outbox, running concurrently.
+//!
+//! Frame handling lives in [`handler`]; the outbound queue in [`outbox`].
+
+mod handler;
+pub mod outbox;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::{Instrument, debug, info};
+
+use crate::auth::Identity;
+use crate::hub::{MemberHandle, Membership};
+use crate::protocol::{Disconnect, Sender, ServerFrame, WelcomeLimits, WelcomeUser};
+use crate::rooms::RoomPolicy;
+use crate::state::AppState;
+use outbox::{Outbox, OutboxReceiver};
+
+/// The WebSocket of one session.
+pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Facts about the connection, from before the upgrade.
+#[derive(Debug, Clone)]
+pub struct ConnMeta {
+    pub peer: SocketAddr,
+    /// Verified client certificate subject (mTLS), if any.
+    pub client_subject: Option<String>,
+    /// Where the token came from.
+    pub credential_source: &'static str,
+    /// `http/1.1` or `h2`.
+    pub http_version: &'static str,
+}
+
+/// A room this session has joined.
+struct JoinedRoom {
+    policy: Arc<RoomPolicy>,
+    membership: Arc<Membership>,
+}
+
+/// The state of one session, owned by its reader.
+struct Session {
+    id: u64,
+    /// Public session id, as in `welcome`.
+    public_id: String,
+    identity: Identity,
+    /// The `from` of this user's messages, shared by all of them.
+    sender: Arc<Sender>,
+    outbox: Outbox,
+    joined: HashMap<String, JoinedRoom>,
+    limiter: DefaultDirectRateLimiter,
+    /// Rate-limit violations in the current window.
+    strikes: u32,
+    strike_window_start: Instant,
+    invalid_frames: u32,
+    /// `session_expiring` was sent for the current token.
+    expiry_warned: bool,
+    state: Arc<AppState>,
+}
+
+/// Runs a session to its end. Never panics on peer data.
+pub async fn run(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>) {
+    let id = state.next_session_id();
+    let span = tracing::info_span!("session", session = id, peer = %meta.peer, user = %identity.sub);
+    run_inner(ws, identity, meta, state, id).instrument(span).await
+}
+
+async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>, id: u64) {
+    let started = Instant::now();
+    let limits = &state.config.limits;
+    let (outbox, mut outbox_rx) = outbox::outbox(
+        limits.outbound_queue_messages,
+        limits.outbound_queue_bytes,
+    );
+    let mut session = Session::new(id, identity, outbox.clone(), state.clone());
+    info!(
+        event = "conn.open",
+        client_cert = meta.client_subject.as_deref().unwrap_or(""),
+        credential = meta.credential_source,
+        http = meta.http_version,
+        "connection open"
+    );
+    metrics::gauge!("securechat_connections_open").increment(1.0);
+    session.welcome();
+
+    let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
+    let (mut sink, mut stream) = ws.split();
+    let closed_by_server = {
+        let reader = session.read_loop(&mut stream);
+        let writer = write_loop(&mut sink, &mut outbox_rx);
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            reason = &mut reader => {
+                outbox.close(reason);
+                let _ = tokio::time::timeout(close_timeout, &mut writer).await;
+                false
+            }
+            () = &mut writer => true,
+        }
+    };
+    if closed_by_server {
+        // The close frame is out (or the socket failed): wait briefly for the
+        // client's close reply, then drop the connection.
+        let _ = tokio::time::timeout(close_timeout, drain(&mut stream)).await;
+    }
+    let reason = outbox.close_reason().unwrap_or(Disconnect::Normal);
+    session.leave_all();
+    metrics::gauge!("securechat_connections_open").decrement(1.0);
+    metrics::counter!("securechat_close_codes_total", "code" => reason.code().to_string())
+        .increment(1);
+    info!(
+        event = "conn.close",
+        reason = reason.reason(),
+        code = reason.code(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+}
+
+/// Reads and discards until the peer's close (or an error).
+async fn drain(stream: &mut SplitStream<Ws>) {
+    while let Some(Ok(_)) = stream.next().await {}
+}
+
+/// Writes queued frames, batching what is ready into one flush, until a close
+/// is requested; then sends the close frame.
+async fn write_loop(sink: &mut SplitSink<Ws, Message>, rx: &mut OutboxReceiver) {
+    let closer = rx.closer();
+    loop {
+        tokio::select! {
+            biased;
+            reason = closer.closing() => {
+                send_close(sink, reason).await;
+                return;
+            }
+            frame = rx.recv() => {
+                let Some(frame) = frame else { return };
+                tokio::select! {
+                    biased;
+                    result = write_batch(sink, rx, frame) => {
+                        if result.is_err() {
+                            return;
+                        }
+                    }
+                    // A write stuck on a peer that does not read: give up on it.
+                    _ = closer.closing() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Most frames written before one flush.
+const MAX_BATCH: usize = 64;
+
+async fn write_batch(
+    sink: &mut SplitSink<Ws, Message>,
+    rx: &mut OutboxReceiver,
+    first: tungstenite::Utf8Bytes,
+) -> Result<(), tungstenite::Error> {
+    let mut frame = Some(first);
+    let mut count = 0;
+    while let Some(text) = frame.take() {
+        let len = text.len();
+        sink.feed(Message::Text(text)).await?;
+        rx.written(len);
+        metrics::counter!("securechat_bytes_out_total").increment(len as u64);
+        count += 1;
+        if count < MAX_BATCH {
+            frame = rx.try_recv();
+        }
+    }
+    metrics::counter!("securechat_messages_delivered_total").increment(count as u64);
+    sink.flush().await
+}
+
+async fn send_close(sink: &mut SplitSink<Ws, Message>, reason: Disconnect) {
+    let frame = CloseFrame {
+        code: CloseCode::from(reason.code()),
+        reason: reason.reason().into(),
+    };
+    // The peer may already be gone; nothing more to do then.
+    let _ = sink.send(Message::Close(Some(frame))).await;
+}
+
+impl Session {
+    fn new(id: u64, identity: Identity, outbox: Outbox, state: Arc<AppState>) -> Self {
+        let limits = &state.config.limits;
+        // Validation keeps both at least 1.
+        let rate = NonZeroU32::new(limits.rate_per_sec).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
+        Self {
+            id,
+            public_id: format!("{:016x}", rand::random::<u64>()),
+            sender: Arc::new(Sender {
+                sub: identity.sub.clone(),
+                name: identity.name.clone(),
+            }),
+            identity,
+            outbox,
+            joined: HashMap::new(),
+            limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            strikes: 0,
+            strike_window_start: Instant::now(),
+            invalid_frames: 0,
+            expiry_warned: false,
+            state,
+        }
+    }
+
+    fn member_handle(&self) -> MemberHandle {
+        MemberHandle {
+            session_id: self.id,
+            sub: Arc::from(self.identity.sub.as_str()),
+            outbox: self.outbox.clone(),
+        }
+    }
+
+    fn welcome(&self) {
+        let limits = &self.state.config.limits;
+        self.outbox.push_text(
+            ServerFrame::Welcome {
+                session: &self.public_id,
+                user: WelcomeUser {
+                    sub: &self.identity.sub,
+                    name: &self.identity.name,
+                    roles: &self.identity.roles,
+                },
+                expires_at: crate::protocol::rfc3339(self.identity.expires_at),
+                limits: WelcomeLimits {
+                    max_message_bytes: limits.max_message_bytes,
+                    rate_per_sec: limits.rate_per_sec,
+                    burst: limits.burst,
+                },
+            }
+            .to_json(),
+        );
+    }
+
+    /// Reads frames until the connection should end, and says why.
+    async fn read_loop(&mut self, stream: &mut SplitStream<Ws>) -> Disconnect {
+        let shutdown = self.state.shutdown.clone();
+        loop {
+            if let Some(reason) = self.outbox.close_reason() {
+                return reason;
+            }
+            let timer = self.next_timer();
+            tokio::select! {
+                frame = stream.next() => {
+                    if let Some(reason) = self.on_frame(frame).await {
+                        return reason;
+                    }
+                }
+                () = tokio::time::sleep_until(timer) => {
+                    if let Some(reason) = self.on_timer() {
+                        return reason;
+                    }
+                }
+                () = shutdown.cancelled() => return Disconnect::ShuttingDown,
+            }
+        }
+    }
+
+    async fn on_frame(
+        &mut self,
+        frame: Option<Result<Message, tungstenite::Error>>,
+    ) -> Option<Disconnect> {
+        match frame {
+            None => Some(Disconnect::Normal),
+            Some(Ok(Message::Text(text))) => {
+                metrics::counter!("securechat_messages_received_total").increment(1);
+                metrics::counter!("securechat_bytes_in_total").increment(text.len() as u64);
+                self.on_text(&text).await
+            }
+            Some(Ok(Message::Binary(_))) => {
+                count_refusal("binary_frame");
+                debug!(event = "frame.refused", reason = "binary_frame");
+                Some(Disconnect::PolicyViolation)
+            }
+            Some(Ok(Message::Close(_))) => Some(Disconnect::Normal),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => None,
+            Some(Err(tungstenite::Error::Capacity(_))) => {
+                count_refusal("too_large");
+                debug!(event = "frame.refused", reason = "too_large");
+                Some(Disconnect::TooLarge)
+            }
+            Some(Err(
+                tungstenite::Error::ConnectionClosed
+                | tungstenite::Error::AlreadyClosed
+                | tungstenite::Error::Io(_),
+            )) => Some(Disconnect::Normal),
+            Some(Err(e)) => {
+                count_refusal("protocol_error");
+                debug!(event = "frame.refused", reason = "protocol_error", error = %e);
+                Some(Disconnect::PolicyViolation)
+            }
+        }
+    }
+
+    /// When the token's expiry warning or expiry is next due.
+    fn next_timer(&self) -> tokio::time::Instant {
+        let leeway = self.state.config.auth.leeway_secs as i64;
+        let warning = self.state.config.session.expiry_warning_secs as i64;
+        let at = if self.expiry_warned {
+            self.identity.expires_at + leeway
+        } else {
+            self.identity.expires_at - warning
+        };
+        let now = crate::auth::jwt::now_unix();
+        let wait = Duration::from_secs(at.saturating_sub(now).max(0) as u64);
+        // Far-future tokens: wake once a day at most (sleep_until caps anyway).
+        tokio::time::Instant::now() + wait.min(Duration::from_secs(86_400))
+    }
+
+    fn on_timer(&mut self) -> Option<Disconnect> {
+        let now = crate::auth::jwt::now_unix();
+        let leeway = self.state.config.auth.leeway_secs as i64;
+        if now >= self.identity.expires_at + leeway {
+            info!(event = "session.expired", "token expired on an open session");
+            return Some(Disconnect::Expired);
+        }
+        let warning = self.state.config.session.expiry_warning_secs as i64;
+        if !self.expiry_warned && now >= self.identity.expires_at - warning {
+            self.expiry_warned = true;
+            self.outbox.push_text(
+                ServerFrame::SessionExpiring {
+                    expires_at: crate::protocol::rfc3339(self.identity.expires_at),
+                }
+                .to_json(),
+            );
+        }
+        None
+    }
+
+    /// Leaves every joined room (the session is ending).
+    fn leave_all(&mut self) {
+        for (room, _) in self.joined.drain() {
+            self.state.hub.leave(&room, self.id);
+        }
+    }
+}
+
+/// Counts a refused frame by reason.
+fn count_refusal(reason: &'static str) {
+    metrics::counter!("securechat_messages_refused_total", "reason" => reason).increment(1);
+}
