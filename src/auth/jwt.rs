@@ -268,15 +268,20 @@ fn validation(auth: &AuthConfig, alg: Algorithm) -> Validation {
     v.leeway = auth.leeway_secs;
     v.validate_exp = true;
     v.validate_nbf = true;
-    v.set_required_spec_claims(&["exp", "sub"]);
+    // jsonwebtoken checks `iss` and `aud` only when present unless they are
+    // required, so a configured issuer or audience is also a required claim.
+    let mut required = vec!["exp", "sub"];
     if let Some(iss) = &auth.issuer {
         v.set_issuer(&[iss]);
+        required.push("iss");
     }
     if auth.audience.is_empty() {
         v.validate_aud = false;
     } else {
         v.set_audience(&auth.audience);
+        required.push("aud");
     }
+    v.set_required_spec_claims(&required);
     v
 }
 
