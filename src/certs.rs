@@ -133,9 +133,7 @@ pub fn write_dev_pki(dir: &Path, hosts: &[String], force: bool) -> Result<Writte
         ("client.crt", &client.cert_pem, false),
         ("client.key", &client.key_pem, true),
     ];
-    if !force
-        && let Some((name, ..)) = files.iter().find(|(name, ..)| dir.join(name).exists())
-    {
+    if !force && let Some((name, ..)) = files.iter().find(|(name, ..)| dir.join(name).exists()) {
         return Err(format!(
             "{} exists; pass --force to replace the files in {}",
             dir.join(name).display(),

@@ -603,14 +603,24 @@ impl Config {
                 Ok(())
             }
         };
-        check("max_connections", l.max_connections, 1, bounds::MAX_CONNECTIONS)?;
+        check(
+            "max_connections",
+            l.max_connections,
+            1,
+            bounds::MAX_CONNECTIONS,
+        )?;
         check(
             "max_message_bytes",
             l.max_message_bytes,
             256,
             bounds::MAX_MESSAGE_BYTES,
         )?;
-        check("max_frame_bytes", l.max_frame_bytes, 256, l.max_message_bytes)?;
+        check(
+            "max_frame_bytes",
+            l.max_frame_bytes,
+            256,
+            l.max_message_bytes,
+        )?;
         check("read_buffer_bytes", l.read_buffer_bytes, 512, 1024 * 1024)?;
         check("write_buffer_bytes", l.write_buffer_bytes, 0, 1024 * 1024)?;
         check(
@@ -639,7 +649,12 @@ impl Config {
         )?;
         check("rate_per_sec", l.rate_per_sec as usize, 1, 100_000)?;
         check("burst", l.burst as usize, 1, 100_000)?;
-        check("max_invalid_frames", l.max_invalid_frames as usize, 1, 10_000)?;
+        check(
+            "max_invalid_frames",
+            l.max_invalid_frames as usize,
+            1,
+            10_000,
+        )?;
         check("rate_strikes", l.rate_strikes as usize, 1, 10_000)?;
         check(
             "rate_strike_window_secs",

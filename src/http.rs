@@ -77,9 +77,9 @@ pub fn refused(conn: &ConnInfo, refusal: Refusal) {
     metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => refusal.code())
         .increment(1);
     let detail = match refusal {
-        Refusal::InvalidToken(reason) | Refusal::BadRequest(reason) | Refusal::Forbidden(reason) => {
-            reason
-        }
+        Refusal::InvalidToken(reason)
+        | Refusal::BadRequest(reason)
+        | Refusal::Forbidden(reason) => reason,
         _ => "",
     };
     let event = match refusal {
@@ -191,10 +191,7 @@ fn upgrade(
 }
 
 /// Subprotocol, Origin and credential checks, in the contract's order.
-fn authenticate(
-    req: &Request<Incoming>,
-    state: &AppState,
-) -> Result<(Identity, Source), Refusal> {
+fn authenticate(req: &Request<Incoming>, state: &AppState) -> Result<(Identity, Source), Refusal> {
     let headers = req.headers();
     if !credentials::offers_protocol(headers) {
         return Err(Refusal::BadRequest(

@@ -121,9 +121,5 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
     let broker = Arc::new(MemoryBroker::new(config.limits.max_rooms));
     let hub = hub::Hub::new(broker, config.limits.outbound_queue_messages);
     let state = Arc::new(AppState::new(Arc::new(config), Arc::new(keys), hub));
-    Ok(server::Server::new(
-        listener,
-        state,
-        tls.map(|t| t.config),
-    ))
+    Ok(server::Server::new(listener, state, tls.map(|t| t.config)))
 }

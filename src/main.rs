@@ -46,7 +46,12 @@ struct ServeArgs {
 #[derive(Args)]
 struct TokenArgs {
     /// The configuration whose key signs the token.
-    #[arg(long, short, default_value = "config/securechat.toml", conflicts_with = "secret_file")]
+    #[arg(
+        long,
+        short,
+        default_value = "config/securechat.toml",
+        conflicts_with = "secret_file"
+    )]
     config: PathBuf,
     /// Sign with the HS256 secret in this file instead (as `serve --dev` prints).
     #[arg(long)]

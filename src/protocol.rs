@@ -260,7 +260,8 @@ impl ClientFrame {
 
     fn validate(&self) -> Result<(), FrameError> {
         let reference = self.client_ref();
-        let fail = |msg: &str| Err(FrameError::new(ErrorCode::InvalidMessage, msg).with_ref(reference));
+        let fail =
+            |msg: &str| Err(FrameError::new(ErrorCode::InvalidMessage, msg).with_ref(reference));
         match self {
             Self::Join(Join { room, .. })
             | Self::Leave(Leave { room })
@@ -293,12 +294,10 @@ impl ClientFrame {
                 Ok(())
             }
             Self::Ping(p) => match &p.id {
-                Some(id) if id.chars().count() > MAX_CLIENT_ID_CHARS => {
-                    Err(FrameError::new(
-                        ErrorCode::InvalidMessage,
-                        "\"id\" must be at most 64 characters",
-                    ))
-                }
+                Some(id) if id.chars().count() > MAX_CLIENT_ID_CHARS => Err(FrameError::new(
+                    ErrorCode::InvalidMessage,
+                    "\"id\" must be at most 64 characters",
+                )),
                 _ => Ok(()),
             },
         }
@@ -335,9 +334,15 @@ pub fn validate_room_name(room: &str) -> Result<(), FrameError> {
 /// Message text: not empty, no control characters but newline and tab.
 fn validate_body(body: &str) -> Result<(), FrameError> {
     if body.trim().is_empty() {
-        return Err(FrameError::new(ErrorCode::InvalidMessage, "\"body\" is empty"));
+        return Err(FrameError::new(
+            ErrorCode::InvalidMessage,
+            "\"body\" is empty",
+        ));
     }
-    if body.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+    if body
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
         return Err(FrameError::new(
             ErrorCode::InvalidMessage,
             "\"body\" contains control characters",
@@ -473,14 +478,19 @@ impl ServerFrame<'_> {
 pub fn rfc3339(unix_secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix_secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
 }
 
 /// The current time as RFC 3339 with milliseconds.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let now = now.replace_nanosecond(now.millisecond() as u32 * 1_000_000).unwrap_or(now);
+    let now = now
+        .replace_nanosecond(now.millisecond() as u32 * 1_000_000)
+        .unwrap_or(now);
     now.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
 }
@@ -528,8 +538,14 @@ mod tests {
 
     #[test]
     fn unknown_type_and_garbage() {
-        assert_eq!(err(r#"{"type":"shout","id":"x"}"#).code, ErrorCode::UnknownType);
-        assert_eq!(err(r#"{"type":"shout","id":"x"}"#).reference.as_deref(), Some("x"));
+        assert_eq!(
+            err(r#"{"type":"shout","id":"x"}"#).code,
+            ErrorCode::UnknownType
+        );
+        assert_eq!(
+            err(r#"{"type":"shout","id":"x"}"#).reference.as_deref(),
+            Some("x")
+        );
         assert_eq!(err("not json").code, ErrorCode::InvalidMessage);
         assert_eq!(err("[1,2]").code, ErrorCode::InvalidMessage);
         assert_eq!(err(r#"{"room":"g"}"#).code, ErrorCode::InvalidMessage);

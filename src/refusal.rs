@@ -99,7 +99,10 @@ impl Refusal {
                     HeaderValue::from_static("Bearer error=\"invalid_token\""),
                 );
             }
-            Self::OverCapacity | Self::ShuttingDown | Self::RateLimited | Self::TooManyConnections => {
+            Self::OverCapacity
+            | Self::ShuttingDown
+            | Self::RateLimited
+            | Self::TooManyConnections => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

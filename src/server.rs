@@ -88,20 +88,33 @@ impl Server {
                 },
             }
         }
-        drop(self.listener);
-        drain(&self.state).await;
+        self.drain().await;
     }
-}
 
-/// Stops new upgrades, closes every session with 1001 and waits for the
-/// tasks, at most `server.shutdown_grace_ms`.
-async fn drain(state: &AppState) {
+    /// Stops new upgrades (503 `shutting_down`, `/readyz` 503), closes every
+    /// session with 1001 and waits for the tasks, at most
+    /// `server.shutdown_grace_ms`. The listener keeps answering meanwhile, so
+    /// load balancers see the node go unready instead of refusing connections.
+    async fn drain(self) {
+        let state = &self.state;
         info!(event = "server.draining", "shutting down: closing sessions");
         state.draining.store(true, Ordering::Release);
         state.shutdown.cancel();
         state.tasks.close();
-        let grace = state.config.shutdown_grace();
-        if tokio::time::timeout(grace, state.tasks.wait()).await.is_err() {
+        let wait = tokio::time::timeout(state.config.shutdown_grace(), state.tasks.wait());
+        tokio::pin!(wait);
+        let finished = loop {
+            tokio::select! {
+                result = &mut wait => break result.is_ok(),
+                accepted = self.listener.accept() => {
+                    if let Ok((tcp, peer)) = accepted {
+                        self.accept(tcp, peer);
+                    }
+                }
+            }
+        };
+        drop(self.listener);
+        if !finished {
             warn!(
                 event = "server.drain_timeout",
                 open_tasks = state.tasks.len(),
@@ -109,6 +122,7 @@ async fn drain(state: &AppState) {
             );
         }
         info!(event = "server.stopped", "server stopped");
+    }
 }
 
 impl Server {
@@ -175,6 +189,8 @@ fn http_builder(state: &AppState, remaining: Duration) -> auto::Builder<TokioExe
     builder
         .http1()
         .timer(TokioTimer::new())
+        // While draining, answer one request per connection and close.
+        .keep_alive(!state.is_draining())
         .header_read_timeout(remaining)
         .max_buf_size(16 * 1024)
         .max_headers(64);
@@ -216,7 +232,9 @@ async fn serve_http<IO>(
     tokio::pin!(conn);
     let shutdown = state.shutdown.clone();
     let mut deadline_passed = false;
-    let mut shutting_down = false;
+    // A connection accepted while draining gets its one answer (`/readyz`
+    // 503, an upgrade refused with `shutting_down`) instead of being cut off.
+    let mut shutting_down = state.shutdown.is_cancelled();
     loop {
         tokio::select! {
             _ = conn.as_mut() => break,
@@ -245,15 +263,18 @@ async fn refuse_connection(
     refusal: Refusal,
 ) {
     debug!(event = "handshake.refused", peer = %peer, reason = refusal.code());
-    let service = service_fn(move |_req| async move {
-        Ok::<_, std::convert::Infallible>(refusal.response())
-    });
+    let service =
+        service_fn(
+            move |_req| async move { Ok::<_, std::convert::Infallible>(refusal.response()) },
+        );
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(false);
     match tls {
         Some(tls) => {
             if let Ok(stream) = tls.accept(tcp).await {
-                let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
             }
         }
         None => {

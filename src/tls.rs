@@ -92,8 +92,8 @@ pub fn from_pem(
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| err("cert", e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-        .map_err(|e| err("key", e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| err("key", e.to_string()))?;
     let roots = client_ca_pem
         .map(|pem| {
             CertificateDer::pem_slice_iter(pem.as_bytes())

@@ -179,7 +179,12 @@ async fn bad_tokens_are_refused() {
     // A valid signature over altered claims.
     let (header, _) = rest.split_once('.').unwrap();
     let claims = b64(serde_json::json!({"sub": "admin", "exp": now + 3600, "iss": "https://id.test", "aud": "securechat-test"}).to_string().as_bytes());
-    expect_token_refused(&server, &format!("{header}.{claims}.{sig}"), "invalid_token").await;
+    expect_token_refused(
+        &server,
+        &format!("{header}.{claims}.{sig}"),
+        "invalid_token",
+    )
+    .await;
 
     // Oversized: refused without being parsed.
     let mut big = server.claims("eve");
@@ -241,7 +246,9 @@ async fn algorithm_confusion_is_refused() {
     header.kid = Some("es".into());
     let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
     let mut client = server.connect(&token).await;
-    client.send(serde_json::json!({"type": "ping", "id": "p"})).await;
+    client
+        .send(serde_json::json!({"type": "ping", "id": "p"}))
+        .await;
     assert_eq!(client.recv().await["type"], "pong");
 }
 
@@ -249,7 +256,11 @@ async fn algorithm_confusion_is_refused() {
 async fn origin_allow_list() {
     let server = TestServer::start().await;
     let token = server.token("alice");
-    for origin in ["https://chat.test", "HTTPS://Chat.Test:443", "https://x.apps.test"] {
+    for origin in [
+        "https://chat.test",
+        "HTTPS://Chat.Test:443",
+        "https://x.apps.test",
+    ] {
         let req = server
             .request()
             .header("Authorization", format!("Bearer {token}"))

@@ -168,13 +168,19 @@ mod tests {
     fn order_is_header_subprotocol_cookie_query() {
         let h = headers(&[
             ("authorization", "Bearer H"),
-            ("sec-websocket-protocol", "securechat.v1, securechat.bearer.S"),
+            (
+                "sec-websocket-protocol",
+                "securechat.v1, securechat.bearer.S",
+            ),
             ("cookie", "a=b; securechat_token=C"),
         ]);
         let c = extract(&h, Some("token=Q"), ALL).unwrap();
         assert_eq!((c.token.as_str(), c.source), ("H", Source::Header));
         let h = headers(&[
-            ("sec-websocket-protocol", "securechat.v1, securechat.bearer.S"),
+            (
+                "sec-websocket-protocol",
+                "securechat.v1, securechat.bearer.S",
+            ),
             ("cookie", "securechat_token=C"),
         ]);
         let c = extract(&h, Some("token=Q"), ALL).unwrap();
@@ -194,7 +200,10 @@ mod tests {
             query: false,
         };
         let h = headers(&[("cookie", "securechat_token=C")]);
-        assert_eq!(extract(&h, None, off).unwrap_err(), CredentialError::Missing);
+        assert_eq!(
+            extract(&h, None, off).unwrap_err(),
+            CredentialError::Missing
+        );
         assert!(matches!(
             extract(&HeaderMap::new(), Some("token=Q"), off),
             Err(CredentialError::Refused(_))

@@ -224,8 +224,8 @@ impl KeyRing {
         if token.len() > self.max_token_bytes {
             return Err(TokenError::TooLarge);
         }
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| TokenError::Invalid("malformed"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| TokenError::Invalid("malformed"))?;
         let kid = header
             .kid
             .as_deref()
@@ -235,8 +235,8 @@ impl KeyRing {
             .keys
             .get(kid)
             .ok_or(TokenError::Invalid("unknown_kid"))?;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(
-            |e| {
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &key.validation).map_err(|e| {
                 use jsonwebtoken::errors::ErrorKind as K;
                 match e.kind() {
                     K::ExpiredSignature => TokenError::Expired,
@@ -248,8 +248,7 @@ impl KeyRing {
                     K::MissingRequiredClaim(_) => TokenError::Invalid("missing_claim"),
                     _ => TokenError::Invalid("malformed"),
                 }
-            },
-        )?;
+            })?;
         let claims = data.claims;
         let now = now_unix();
         if claims
@@ -286,9 +285,8 @@ fn validation(auth: &AuthConfig, alg: Algorithm) -> Validation {
 }
 
 fn identity(claims: Claims) -> Result<Identity, TokenError> {
-    let printable = |s: &str, max: usize| {
-        !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control)
-    };
+    let printable =
+        |s: &str, max: usize| !s.is_empty() && s.len() <= max && !s.chars().any(char::is_control);
     if !printable(&claims.sub, 256) {
         return Err(TokenError::Invalid("bad_sub"));
     }

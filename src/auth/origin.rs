@@ -81,7 +81,9 @@ impl OriginPattern {
     pub fn parse(text: &str) -> Result<Self, OriginError> {
         let origin = Origin::parse(text)?;
         let wildcard_suffix = match origin.host.strip_prefix('*') {
-            Some(suffix) if suffix.starts_with('.') && suffix.len() > 1 && !suffix[1..].contains('*') => {
+            Some(suffix)
+                if suffix.starts_with('.') && suffix.len() > 1 && !suffix[1..].contains('*') =>
+            {
                 Some(suffix.to_owned())
             }
             Some(_) => {

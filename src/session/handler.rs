@@ -17,7 +17,10 @@ use crate::protocol::{
 
 fn internal(e: impl std::fmt::Display) -> FrameError {
     warn!(event = "broker.error", error = %e);
-    FrameError::new(ErrorCode::Internal, "the server could not complete this request")
+    FrameError::new(
+        ErrorCode::Internal,
+        "the server could not complete this request",
+    )
 }
 
 impl Session {
@@ -119,7 +122,10 @@ impl Session {
                 "too many rooms on this connection: leave one first",
             ));
         }
-        let policy = self.state.rooms.authorize_join(&self.identity, &join.room)?;
+        let policy = self
+            .state
+            .rooms
+            .authorize_join(&self.identity, &join.room)?;
         let (joined, membership) = self
             .state
             .hub
@@ -127,7 +133,8 @@ impl Session {
             .await
             .map_err(internal)?;
         debug!(event = "room.joined", room = %join.room, seq = joined.latest, recovered = joined.recovered);
-        self.joined.insert(join.room, JoinedRoom { policy, membership });
+        self.joined
+            .insert(join.room, JoinedRoom { policy, membership });
         Ok(())
     }
 
@@ -244,11 +251,19 @@ impl Session {
                 TokenError::Expired => "the new token has expired",
                 TokenError::Invalid(_) => "the new token is not valid",
             };
-            info!(event = "auth.failed", reason = e.reason(), context = "refresh");
+            info!(
+                event = "auth.failed",
+                reason = e.reason(),
+                context = "refresh"
+            );
             FrameError::new(ErrorCode::Forbidden, message)
         })?;
         if identity.sub != self.identity.sub {
-            info!(event = "auth.failed", reason = "refresh_other_user", context = "refresh");
+            info!(
+                event = "auth.failed",
+                reason = "refresh_other_user",
+                context = "refresh"
+            );
             return Err(FrameError::new(
                 ErrorCode::Forbidden,
                 "a refresh must be for the same user",

@@ -74,17 +74,18 @@ struct Session {
 /// Runs a session to its end. Never panics on peer data.
 pub async fn run(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>) {
     let id = state.next_session_id();
-    let span = tracing::info_span!("session", session = id, peer = %meta.peer, user = %identity.sub);
-    run_inner(ws, identity, meta, state, id).instrument(span).await
+    let span =
+        tracing::info_span!("session", session = id, peer = %meta.peer, user = %identity.sub);
+    run_inner(ws, identity, meta, state, id)
+        .instrument(span)
+        .await
 }
 
 async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>, id: u64) {
     let started = Instant::now();
     let limits = &state.config.limits;
-    let (outbox, mut outbox_rx) = outbox::outbox(
-        limits.outbound_queue_messages,
-        limits.outbound_queue_bytes,
-    );
+    let (outbox, mut outbox_rx) =
+        outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
     let mut session = Session::new(id, identity, outbox.clone(), state.clone());
     info!(
         event = "conn.open",
@@ -98,7 +99,7 @@ async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppSta
 
     let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
     let (mut sink, mut stream) = ws.split();
-    let closed_by_server = {
+    let await_close_reply = {
         let reader = session.read_loop(&mut stream);
         let writer = write_loop(&mut sink, &mut outbox_rx);
         tokio::pin!(reader, writer);
@@ -106,12 +107,13 @@ async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppSta
             reason = &mut reader => {
                 outbox.close(reason);
                 let _ = tokio::time::timeout(close_timeout, &mut writer).await;
-                false
+                // The peer closed or vanished: there is no reply to wait for.
+                reason != Disconnect::Normal
             }
             () = &mut writer => true,
         }
     };
-    if closed_by_server {
+    if await_close_reply {
         // The close frame is out (or the socket failed): wait briefly for the
         // client's close reply, then drop the connection.
         let _ = tokio::time::timeout(close_timeout, drain(&mut stream)).await;
@@ -329,7 +331,10 @@ impl Session {
         let now = crate::auth::jwt::now_unix();
         let leeway = self.state.config.auth.leeway_secs as i64;
         if now >= self.identity.expires_at + leeway {
-            info!(event = "session.expired", "token expired on an open session");
+            info!(
+                event = "session.expired",
+                "token expired on an open session"
+            );
             return Some(Disconnect::Expired);
         }
         let warning = self.state.config.session.expiry_warning_secs as i64;

@@ -232,7 +232,10 @@ impl TestServer {
 
     pub fn request_to(&self, path_and_query: &str) -> http::request::Builder {
         Request::builder()
-            .uri(format!("wss://localhost:{}{path_and_query}", self.addr.port()))
+            .uri(format!(
+                "wss://localhost:{}{path_and_query}",
+                self.addr.port()
+            ))
             .header("Host", format!("localhost:{}", self.addr.port()))
             .header("Connection", "Upgrade")
             .header("Upgrade", "websocket")
@@ -263,7 +266,9 @@ impl TestServer {
 
     /// A TLS connection to the server (ALPN http/1.1, or as given).
     pub async fn tls(&self, alpn: &[&[u8]], client_cert: Option<&PemPair>) -> TlsStream<TcpStream> {
-        self.try_tls(alpn, client_cert).await.expect("TLS handshake")
+        self.try_tls(alpn, client_cert)
+            .await
+            .expect("TLS handshake")
     }
 
     pub async fn try_tls(
@@ -409,8 +414,7 @@ impl Client {
 
     /// Asserts that nothing arrives within `wait`.
     pub async fn expect_silence(&mut self, wait: Duration) {
-        if let Ok(Some(Ok(Message::Text(text)))) =
-            tokio::time::timeout(wait, self.ws.next()).await
+        if let Ok(Some(Ok(Message::Text(text)))) = tokio::time::timeout(wait, self.ws.next()).await
         {
             panic!("expected no frame, got {text}");
         }
@@ -482,9 +486,7 @@ fn capitalize(s: &str) -> String {
 pub async fn http_get(server: &TestServer, path: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut tls = server.tls(&[b"http/1.1"], None).await;
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    );
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
     tls.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut response)).await;

@@ -1,0 +1,323 @@
+//! The transport around sessions: WebSocket over HTTP/2, client
+//! certificates, the handshake deadline, the connection cap, graceful
+//! shutdown.
+
+mod common;
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use common::{TestServer, WAIT, http_get};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// An HTTP/2 stream as a byte stream, for a WebSocket over RFC 8441.
+struct H2Io {
+    send: h2::SendStream<Bytes>,
+    recv: h2::RecvStream,
+    buffer: Bytes,
+}
+
+impl AsyncRead for H2Io {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.buffer.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = self.recv.flow_control().release_capacity(data.len());
+                    self.buffer = data;
+                }
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.buffer.len().min(buf.remaining());
+        buf.put_slice(&self.buffer[..n]);
+        self.buffer.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Io {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.send.reserve_capacity(buf.len());
+        match ready!(self.send.poll_capacity(cx)) {
+            Some(Ok(n)) => {
+                let n = n.min(buf.len());
+                self.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .map_err(std::io::Error::other)?;
+                Poll::Ready(Ok(n))
+            }
+            Some(Err(e)) => Poll::Ready(Err(std::io::Error::other(e))),
+            None => Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn next_json(ws: &mut WebSocketStream<H2Io>) -> Value {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Text(text) => return serde_json::from_str(&text).unwrap(),
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_over_http2() {
+    let server = TestServer::start().await;
+    let tls = server.tls(&[b"h2"], None).await;
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (client, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    // The server announces SETTINGS_ENABLE_CONNECT_PROTOCOL in its first SETTINGS.
+    for _ in 0..100 {
+        if client.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        client = client.ready().await.unwrap();
+    }
+    assert!(client.is_extended_connect_protocol_enabled());
+    let request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("https://localhost:{}/ws", server.addr.port()))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "securechat.v1")
+        .header(
+            "authorization",
+            format!("Bearer {}", server.token("h2user")),
+        )
+        .extension(h2::ext::Protocol::from("websocket"))
+        .body(())
+        .unwrap();
+    let (response, send) = client.send_request(request, false).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["sec-websocket-protocol"],
+        "securechat.v1"
+    );
+    let io = H2Io {
+        send,
+        recv: response.into_body(),
+        buffer: Bytes::new(),
+    };
+    let mut ws = WebSocketStream::from_raw_socket(io, Role::Client, None).await;
+    let welcome = next_json(&mut ws).await;
+    assert_eq!(welcome["user"]["sub"], "h2user");
+
+    // It is a full session: join and chat with an HTTP/1.1 member.
+    let mut other = server.member("other", "general").await;
+    ws.send(Message::Text(
+        json!({"type": "join", "room": "general"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "joined");
+    ws.send(Message::Text(
+        json!({"type": "send", "room": "general", "id": "h1", "body": "over h2"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let m = other.recv_type("message").await;
+    assert_eq!(
+        (m["body"].as_str(), m["from"]["sub"].as_str()),
+        (Some("over h2"), Some("h2user"))
+    );
+}
+
+async fn start_mtls(mode: &str) -> TestServer {
+    let mode = match mode {
+        "required" => securechat::config::ClientAuth::Required,
+        _ => securechat::config::ClientAuth::Optional,
+    };
+    TestServer::start_with(|c| {
+        c.tls.client_auth = mode;
+        c.tls.client_ca = Some("ca.crt".into());
+    })
+    .await
+}
+
+/// Connects with an optional client certificate; true when the session opened.
+async fn mtls_session(server: &TestServer, cert: Option<&securechat::certs::PemPair>) -> bool {
+    let config = common::client_tls_config(&server.pki.ca.cert_pem, &[b"http/1.1"], cert);
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let Ok(tls) = connector
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+    else {
+        return false;
+    };
+    let req = server
+        .request()
+        .header(
+            "Authorization",
+            format!("Bearer {}", server.token("certuser")),
+        )
+        .body(())
+        .unwrap();
+    // With TLS 1.3 the client learns of a refused certificate only when it reads.
+    match tokio_tungstenite::client_async(req, tls).await {
+        Ok((mut ws, _)) => matches!(
+            tokio::time::timeout(WAIT, ws.next()).await,
+            Ok(Some(Ok(Message::Text(_))))
+        ),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test]
+async fn mtls_required_refuses_clients_without_a_trusted_certificate() {
+    let server = start_mtls("required").await;
+    assert!(!mtls_session(&server, None).await, "no certificate");
+    assert!(
+        !mtls_session(&server, Some(&server.pki.stranger)).await,
+        "certificate from an untrusted CA"
+    );
+    assert!(
+        mtls_session(&server, Some(&server.pki.client)).await,
+        "trusted certificate"
+    );
+}
+
+#[tokio::test]
+async fn mtls_optional_accepts_both() {
+    let server = start_mtls("optional").await;
+    assert!(mtls_session(&server, None).await);
+    assert!(mtls_session(&server, Some(&server.pki.client)).await);
+    assert!(!mtls_session(&server, Some(&server.pki.stranger)).await);
+}
+
+/// Reads until the server closes the connection; true if it did within WAIT.
+async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin)) -> bool {
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.is_ok()
+}
+
+#[tokio::test]
+async fn slow_handshakes_are_dropped_at_the_deadline() {
+    let server = TestServer::start_with(|c| {
+        c.server.handshake_timeout_ms = 300;
+        c.limits.max_connections = 2;
+    })
+    .await;
+    // Never starts TLS.
+    let mut silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Finishes TLS, then trickles a request line and never ends the headers.
+    let mut trickle = server.tls(&[b"http/1.1"], None).await;
+    trickle
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let writer = async {
+        for _ in 0..50 {
+            if trickle.write_all(b"X").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    assert!(closed_by_server(&mut trickle).await, "trickled headers");
+    assert!(closed_by_server(&mut silent).await, "stalled TLS");
+    // Both permits are free again: an honest client connects.
+    let mut honest = server.connect(&server.token("honest")).await;
+    honest.send(json!({"type": "ping"})).await;
+    assert_eq!(honest.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn over_the_connection_cap_gets_503() {
+    let server = TestServer::start_with(|c| c.limits.max_connections = 1).await;
+    let _first = server.connect(&server.token("first")).await;
+    let req = server
+        .request()
+        .header(
+            "Authorization",
+            format!("Bearer {}", server.token("second")),
+        )
+        .body(())
+        .unwrap();
+    let refused = server.expect_refused(req, 503, "over_capacity").await;
+    assert!(refused.headers.contains_key("retry-after"));
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_sessions_with_1001() {
+    let mut server = TestServer::start_with(|c| {
+        c.session.close_timeout_ms = 20_000;
+        c.server.shutdown_grace_ms = 30_000;
+    })
+    .await;
+    let mut alice = server.member("alice", "general").await;
+    let mut bob = server.connect(&server.token("bob")).await;
+    // A client that will not answer the close keeps the server draining for
+    // until it goes away (or session.close_timeout_ms); meanwhile the node
+    // reports not ready and refuses upgrades.
+    let stuck = server.connect(&server.token("stuck")).await;
+    let task = server.begin_shutdown();
+    assert_eq!(alice.recv_close().await, (1001, "shutting_down".into()));
+    assert_eq!(bob.recv_close().await.0, 1001);
+
+    let (status, body) = http_get(&server, "/readyz").await;
+    assert_eq!((status, body["status"].as_str()), (503, Some("draining")));
+    let req = server
+        .request()
+        .header("Authorization", format!("Bearer {}", server.token("late")))
+        .body(())
+        .unwrap();
+    server.expect_refused(req, 503, "shutting_down").await;
+
+    // Sessions wait for each client's close reply: let them all go.
+    drop((alice, bob, stuck));
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("the server stops once the last session is gone")
+        .unwrap();
+}
