@@ -1,0 +1,271 @@
+//! The `securechat` command as an operator runs it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_securechat");
+
+fn run(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(BIN);
+    command
+        .args(args)
+        .current_dir(dir)
+        .env_remove("SECURECHAT_JWT_SECRET");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let output = command.output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+/// A folder laid out like the repository: config/ with the shipped example,
+/// certs/ written by gen-cert.
+fn deployment() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("config")).unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/securechat.toml");
+    std::fs::copy(example, dir.path().join("config/securechat.toml")).unwrap();
+    let (ok, out) = run(
+        &[
+            "gen-cert",
+            "--hosts",
+            "localhost,127.0.0.1",
+            "--out",
+            "certs",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(ok, "{out}");
+    dir
+}
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+
+#[test]
+fn every_subcommand_has_help() {
+    for sub in ["serve", "token", "gen-cert", "check"] {
+        let (ok, out) = run(&[sub, "--help"], Path::new("."), &[]);
+        assert!(ok && out.contains("Usage"), "{sub}: {out}");
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn gen_cert_writes_private_keys_0600_and_does_not_overwrite() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = deployment();
+    let certs = dir.path().join("certs");
+    for (name, mode) in [
+        ("ca.key", 0o600),
+        ("server.key", 0o600),
+        ("client.key", 0o600),
+        ("ca.crt", 0o644),
+        ("server.crt", 0o644),
+    ] {
+        let meta = std::fs::metadata(certs.join(name)).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, mode, "{name}");
+    }
+    let (ok, out) = run(&["gen-cert", "--out", "certs"], dir.path(), &[]);
+    assert!(!ok && out.contains("--force"), "{out}");
+    let (ok, out) = run(&["gen-cert", "--out", "certs", "--force"], dir.path(), &[]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn check_accepts_the_shipped_example_and_reports_expiry() {
+    let dir = deployment();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &[("SECURECHAT_JWT_SECRET", SECRET)],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("days left"), "{out}");
+    assert!(
+        !out.contains(SECRET),
+        "the secret must not be printed: {out}"
+    );
+}
+
+#[test]
+fn check_refuses_with_a_message_naming_the_problem() {
+    let dir = deployment();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        out.contains("SECURECHAT_JWT_SECRET") && out.contains("auth.keys[0]"),
+        "{out}"
+    );
+
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &[("SECURECHAT_JWT_SECRET", "too-short")],
+    );
+    assert!(!ok && out.contains("at least 32"), "{out}");
+
+    std::fs::write(dir.path().join("certs/server.crt"), "not a certificate").unwrap();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &[("SECURECHAT_JWT_SECRET", SECRET)],
+    );
+    assert!(!ok && out.contains("tls.cert"), "{out}");
+
+    let (ok, out) = run(&["check", "--config", "missing.toml"], dir.path(), &[]);
+    assert!(!ok && out.contains("missing.toml"), "{out}");
+}
+
+#[test]
+fn token_mints_what_the_server_verifies() {
+    let dir = deployment();
+    let (ok, out) = run(
+        &[
+            "token",
+            "--config",
+            "config/securechat.toml",
+            "--sub",
+            "alice",
+            "--name",
+            "Alice",
+            "--role",
+            "admin",
+            "--room",
+            "general",
+            "--ttl",
+            "30m",
+        ],
+        dir.path(),
+        &[("SECURECHAT_JWT_SECRET", SECRET)],
+    );
+    assert!(ok, "{out}");
+    let token = out.trim();
+    let mut config =
+        securechat::config::Config::load(&dir.path().join("config/securechat.toml")).unwrap();
+    config.auth.keys[0].secret_env = Some("SECURECHAT_TEST_SECRET_FOR_TOKEN".into());
+    // SAFETY: no other test in this binary reads or writes this variable.
+    unsafe { std::env::set_var("SECURECHAT_TEST_SECRET_FOR_TOKEN", SECRET) };
+    securechat::install_crypto_providers();
+    let keys = securechat::auth::jwt::KeyRing::load(&config.auth).unwrap();
+    let identity = keys.verify(token).unwrap();
+    assert_eq!(identity.sub, "alice");
+    assert_eq!(identity.roles, ["admin"]);
+    let ttl = identity.expires_at - securechat::auth::jwt::now_unix();
+    assert!((1700..=1800).contains(&ttl), "{ttl}");
+}
+
+#[test]
+fn dev_mode_refuses_public_addresses() {
+    let (ok, out) = run(
+        &["serve", "--dev", "--listen", "0.0.0.0:0"],
+        Path::new("."),
+        &[],
+    );
+    assert!(!ok && out.contains("loopback"), "{out}");
+}
+
+/// `serve --dev` prints a URL and a token that work, and stops on SIGTERM.
+#[cfg(unix)]
+#[tokio::test]
+async fn dev_mode_serves_with_the_printed_token_and_stops_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut ca_path = None;
+    let token = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("dev output");
+        if let Some(rest) = line.trim().strip_prefix("trust:") {
+            ca_path = rest.split_whitespace().next().map(String::from);
+        }
+        if line.starts_with("eyJ") {
+            break line;
+        }
+    };
+    let ca = std::fs::read_to_string(ca_path.expect("a CA path")).unwrap();
+    let config = common::client_tls_config(&ca, &[b"http/1.1"], None);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .uri(format!("wss://localhost:{port}/ws"))
+        .header("Host", format!("localhost:{port}"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Protocol", "securechat.v1")
+        .header("Origin", format!("https://localhost:{port}"))
+        .header("Authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    use futures_util::{SinkExt, StreamExt};
+    let welcome = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(welcome.contains("\"welcome\""), "{welcome}");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        r#"{"type":"join","room":"general"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let joined = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    assert!(joined.contains("\"joined\""), "{joined}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // The session is told the server is going away.
+    let mut close_code = None;
+    while let Some(Ok(message)) = ws.next().await {
+        if let tokio_tungstenite::tungstenite::Message::Close(Some(frame)) = message {
+            close_code = Some(u16::from(frame.code));
+        }
+    }
+    assert_eq!(close_code, Some(1001));
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
