@@ -229,7 +229,6 @@ async fn serve_dev(listen: SocketAddr) -> Result<(), String> {
         "localhost".to_string()
     };
     println!("securechat dev server (not for production)");
-    println!("  chat:      https://{host}:{}/", addr.port());
     println!("  websocket: wss://{host}:{}{ws_path}", addr.port());
     println!("  trust:     {} (the in-memory dev CA)", ca_path.display());
     println!(

@@ -101,7 +101,7 @@ async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppSta
     let (mut sink, mut stream) = ws.split();
     let await_close_reply = {
         let reader = session.read_loop(&mut stream);
-        let writer = write_loop(&mut sink, &mut outbox_rx);
+        let writer = write_loop(&mut sink, &mut outbox_rx, close_timeout);
         tokio::pin!(reader, writer);
         tokio::select! {
             reason = &mut reader => {
@@ -138,14 +138,29 @@ async fn drain(stream: &mut SplitStream<Ws>) {
 }
 
 /// Writes queued frames, batching what is ready into one flush, until a close
-/// is requested; then sends the close frame.
-async fn write_loop(sink: &mut SplitSink<Ws, Message>, rx: &mut OutboxReceiver) {
+/// is requested; then writes what is still queued (unless the client is the
+/// slow one) and the close frame, within `close_timeout`.
+async fn write_loop(
+    sink: &mut SplitSink<Ws, Message>,
+    rx: &mut OutboxReceiver,
+    close_timeout: Duration,
+) {
     let closer = rx.closer();
     loop {
         tokio::select! {
             biased;
             reason = closer.closing() => {
-                send_close(sink, reason).await;
+                let finish = async {
+                    if reason != Disconnect::SlowConsumer {
+                        while let Some(frame) = rx.try_recv() {
+                            if write_batch(sink, rx, frame).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    send_close(sink, reason).await;
+                };
+                let _ = tokio::time::timeout(close_timeout, finish).await;
                 return;
             }
             frame = rx.recv() => {
