@@ -119,19 +119,24 @@ secret_env = "X"
     assert!(message.contains("certificate"), "{message}");
 }
 
+/// An HS256 key whose secret file holds `secret`.
+fn hmac_key(dir: &Path, secret: &str) -> securechat::config::KeyConfig {
+    std::fs::write(dir.join("jwt.secret"), secret).unwrap();
+    securechat::config::KeyConfig {
+        kid: "k".into(),
+        algorithm: securechat::config::KeyAlgorithm::HS256,
+        secret_file: Some(dir.join("jwt.secret")),
+        secret_env: None,
+        public_key_file: None,
+        private_key_file: None,
+    }
+}
+
 #[test]
 fn secrets_never_reach_debug_output() {
     let dir = tempfile::tempdir().unwrap();
     let secret = "correct-horse-battery-staple-0123456789";
-    std::fs::write(dir.path().join("jwt.secret"), secret).unwrap();
-    let key = securechat::config::KeyConfig {
-        kid: "k".into(),
-        algorithm: securechat::config::KeyAlgorithm::HS256,
-        secret_file: Some(dir.path().join("jwt.secret")),
-        secret_env: None,
-        public_key_file: None,
-        private_key_file: None,
-    };
+    let key = hmac_key(dir.path(), secret);
     let loaded = securechat::auth::jwt::load_secret(&key).unwrap();
     assert_eq!(loaded.expose(), secret.as_bytes());
     assert!(!format!("{loaded:?}").contains("horse"));
@@ -142,15 +147,7 @@ fn secrets_never_reach_debug_output() {
 #[test]
 fn short_secrets_are_refused() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("jwt.secret"), "short").unwrap();
-    let key = securechat::config::KeyConfig {
-        kid: "k".into(),
-        algorithm: securechat::config::KeyAlgorithm::HS256,
-        secret_file: Some(dir.path().join("jwt.secret")),
-        secret_env: None,
-        public_key_file: None,
-        private_key_file: None,
-    };
+    let key = hmac_key(dir.path(), "short");
     let message = securechat::auth::jwt::load_secret(&key).unwrap_err();
     assert!(message.contains("at least 32"), "{message}");
 }

@@ -256,18 +256,23 @@ async fn algorithm_confusion_is_refused() {
 async fn origin_allow_list() {
     let server = TestServer::start().await;
     let token = server.token("alice");
+    let request = |origin: &str| {
+        server
+            .request()
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Origin", origin)
+            .body(())
+            .unwrap()
+    };
     for origin in [
         "https://chat.test",
         "HTTPS://Chat.Test:443",
         "https://x.apps.test",
     ] {
-        let req = server
-            .request()
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Origin", origin)
-            .body(())
-            .unwrap();
-        assert!(server.try_connect(req).await.is_ok(), "{origin}");
+        assert!(
+            server.try_connect(request(origin)).await.is_ok(),
+            "{origin}"
+        );
     }
     for origin in [
         "https://evil.test",
@@ -277,13 +282,9 @@ async fn origin_allow_list() {
         "https://chat.test.evil.test",
         "null",
     ] {
-        let req = server
-            .request()
-            .header("Authorization", format!("Bearer {token}"))
-            .header("Origin", origin)
-            .body(())
-            .unwrap();
-        server.expect_refused(req, 403, "origin_not_allowed").await;
+        server
+            .expect_refused(request(origin), 403, "origin_not_allowed")
+            .await;
     }
     // No Origin with a header credential: a non-browser client.
     let req = server
