@@ -57,6 +57,9 @@ pub struct Config {
     /// Direct-message rooms `dm:<a>:<b>`.
     #[serde(default)]
     pub dm: DmConfig,
+    /// Temporary bans of addresses that keep failing handshakes.
+    #[serde(default)]
+    pub bans: BansConfig,
     /// The rooms users may join, with their permissions.
     #[serde(default)]
     pub rooms: Vec<RoomConfig>,
@@ -81,6 +84,9 @@ pub struct ServerConfig {
     pub shutdown_grace_ms: u64,
     /// Allow binding a non-loopback address while `tls.mode = "off"`.
     pub allow_plaintext_public: bool,
+    /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the
+    /// client. From any other peer the header is ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -91,6 +97,38 @@ impl Default for ServerConfig {
             handshake_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             allow_plaintext_public: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BansConfig {
+    /// Whether failing addresses are banned at all.
+    pub enabled: bool,
+    /// Failed handshakes (bad token, foreign Origin, refused client
+    /// certificate) within `window_secs` that earn a ban.
+    pub max_failures: u32,
+    /// The window in which failures are counted.
+    pub window_secs: u64,
+    /// How long a ban lasts.
+    pub ban_secs: u64,
+    /// Addresses tracked at once (failures, bans, per-address caps).
+    pub max_tracked: usize,
+    /// Addresses or CIDR ranges that are never banned.
+    pub allow: Vec<String>,
+}
+
+impl Default for BansConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_failures: 10,
+            window_secs: 60,
+            ban_secs: 300,
+            max_tracked: 100_000,
+            allow: Vec::new(),
         }
     }
 }
@@ -220,6 +258,16 @@ pub struct SecurityConfig {
 pub struct LimitsConfig {
     /// Open connections on this node; over it the handshake gets 503.
     pub max_connections: usize,
+    /// Open connections from one client address (IPv6: one /64); over it 429.
+    pub max_connections_per_ip: usize,
+    /// Handshakes per second from one client address (sustained); over it 429.
+    pub handshake_rate_per_ip: u32,
+    /// Handshakes from one client address in a burst.
+    pub handshake_burst_per_ip: u32,
+    /// Open connections of one user (`sub`) on this node; over it 429.
+    pub max_connections_per_user: usize,
+    /// Members of one room on this node.
+    pub max_members_per_room: usize,
     /// Largest application message (bytes, after reassembly).
     pub max_message_bytes: usize,
     /// Largest single WebSocket frame.
@@ -240,6 +288,10 @@ pub struct LimitsConfig {
     pub rate_per_sec: u32,
     /// Messages one connection may send in a burst.
     pub burst: u32,
+    /// Messages per second one user may send across all their connections.
+    pub user_rate_per_sec: u32,
+    /// Messages one user may send in a burst across all their connections.
+    pub user_burst: u32,
     /// Rate-limit violations tolerated within one window before closing with 4008.
     pub rate_strikes: u32,
     /// The window for `rate_strikes`.
@@ -256,6 +308,11 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
+            max_connections_per_ip: 64,
+            handshake_rate_per_ip: 10,
+            handshake_burst_per_ip: 30,
+            max_connections_per_user: 16,
+            max_members_per_room: 10_000,
             max_message_bytes: 16 * 1024,
             max_frame_bytes: 16 * 1024,
             read_buffer_bytes: 4 * 1024,
@@ -266,6 +323,8 @@ impl Default for LimitsConfig {
             max_rooms_per_connection: 32,
             rate_per_sec: 20,
             burst: 40,
+            user_rate_per_sec: 40,
+            user_burst: 80,
             rate_strikes: 10,
             rate_strike_window_secs: 10,
             max_invalid_frames: 10,
@@ -282,6 +341,12 @@ pub struct SessionConfig {
     pub expiry_warning_secs: u64,
     /// How long the server waits for the client's close reply before dropping it.
     pub close_timeout_ms: u64,
+    /// How often the server sends a WebSocket ping.
+    pub ping_interval_secs: u64,
+    /// Nothing received for this long (not even a pong): closed with 4010.
+    pub read_timeout_secs: u64,
+    /// No frame but `ping` for this long: closed with 4010, whatever the token.
+    pub idle_timeout_secs: u64,
 }
 
 impl Default for SessionConfig {
@@ -289,6 +354,9 @@ impl Default for SessionConfig {
         Self {
             expiry_warning_secs: 60,
             close_timeout_ms: 2_000,
+            ping_interval_secs: 20,
+            read_timeout_secs: 60,
+            idle_timeout_secs: 3600,
         }
     }
 }
@@ -650,6 +718,13 @@ impl Config {
         check("rate_per_sec", l.rate_per_sec as usize, 1, 100_000)?;
         check("burst", l.burst as usize, 1, 100_000)?;
         check(
+            "user_rate_per_sec",
+            l.user_rate_per_sec as usize,
+            1,
+            100_000,
+        )?;
+        check("user_burst", l.user_burst as usize, 1, 100_000)?;
+        check(
             "max_invalid_frames",
             l.max_invalid_frames as usize,
             1,
@@ -673,6 +748,41 @@ impl Config {
         }
         if s.expiry_warning_secs > 3600 {
             return Err(self.invalid("session.expiry_warning_secs", "must be at most 3600"));
+        }
+        if s.ping_interval_secs == 0 || s.ping_interval_secs > 3600 {
+            return Err(self.invalid("session.ping_interval_secs", "must be between 1 and 3600"));
+        }
+        if s.read_timeout_secs <= s.ping_interval_secs || s.read_timeout_secs > 7200 {
+            return Err(self.invalid(
+                "session.read_timeout_secs",
+                "must be longer than session.ping_interval_secs (a pong needs time to come back) and at most 7200",
+            ));
+        }
+        if s.idle_timeout_secs == 0 || s.idle_timeout_secs > 7 * 86_400 {
+            return Err(self.invalid(
+                "session.idle_timeout_secs",
+                "must be between 1 and 604800 (7 days)",
+            ));
+        }
+        let b = &self.bans;
+        for (key, value, min, max) in [
+            ("bans.max_failures", b.max_failures as u64, 1, 100_000),
+            ("bans.window_secs", b.window_secs, 1, 86_400),
+            ("bans.ban_secs", b.ban_secs, 1, 7 * 86_400),
+            ("bans.max_tracked", b.max_tracked as u64, 16, 10_000_000),
+        ] {
+            if value < min || value > max {
+                return Err(self.invalid(
+                    key,
+                    format!("{value} is out of range: must be between {min} and {max}"),
+                ));
+            }
+        }
+        for (i, net) in b.allow.iter().enumerate() {
+            parse_net(net).map_err(|e| self.invalid(format!("bans.allow[{i}]"), e))?;
+        }
+        for (i, net) in self.server.trusted_proxies.iter().enumerate() {
+            parse_net(net).map_err(|e| self.invalid(format!("server.trusted_proxies[{i}]"), e))?;
         }
         Ok(())
     }
@@ -723,6 +833,16 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.server.shutdown_grace_ms)
     }
+}
+
+/// Parses `10.0.0.1` or `10.0.0.0/8` (IPv6 likewise) into a network.
+pub fn parse_net(text: &str) -> Result<ipnet::IpNet, String> {
+    if let Ok(net) = text.parse::<ipnet::IpNet>() {
+        return Ok(net.trunc());
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(ipnet::IpNet::from)
+        .map_err(|_| format!("{text:?} is not an address or CIDR range such as 10.0.0.0/8"))
 }
 
 /// A secret value (an HMAC key): its `Debug` never shows it, equality is

@@ -4,7 +4,7 @@
 //! credential, token.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info};
 
+use crate::admission::{AddressSlot, UserSlot, client_address};
 use crate::auth::Identity;
 use crate::auth::credentials::{self, CredentialError, CredentialRules, Source};
 use crate::auth::jwt::TokenError;
@@ -35,9 +36,25 @@ pub struct ConnInfo {
     /// Set once a request on this connection became a WebSocket; the
     /// handshake deadline no longer applies then.
     pub upgraded: AtomicBool,
-    /// The node-wide connection permit, held until every session on the
-    /// connection has ended.
-    pub permit: Arc<OwnedSemaphorePermit>,
+    /// What the connection counts against, held until every session on it
+    /// has ended.
+    pub hold: Arc<ConnHold>,
+}
+
+/// The node-wide connection permit and, for a direct client, its address
+/// slot; released when the connection and its sessions are gone.
+pub struct ConnHold {
+    _permit: OwnedSemaphorePermit,
+    _address: Option<AddressSlot>,
+}
+
+impl ConnHold {
+    pub fn new(permit: OwnedSemaphorePermit, address: Option<AddressSlot>) -> Self {
+        Self {
+            _permit: permit,
+            _address: address,
+        }
+    }
 }
 
 /// The hyper service: one call per request.
@@ -48,10 +65,15 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
     let response = if path == state.config.server.ws_path {
-        match upgrade(&mut req, &state, &conn) {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let client = client_address(conn.peer.ip(), forwarded, &state.trusted_proxies);
+        match upgrade(&mut req, &state, &conn, client) {
             Ok(response) => response,
             Err(refusal) => {
-                refused(&conn, refusal);
+                refused(&state, &conn, client, refusal);
                 refusal.response()
             }
         }
@@ -72,8 +94,15 @@ pub async fn handle(
     Ok(response)
 }
 
-/// Logs and counts a refused handshake.
-pub fn refused(conn: &ConnInfo, refusal: Refusal) {
+/// Logs and counts a refused handshake; a bad token or a foreign Origin
+/// counts toward a ban of the client's address.
+pub fn refused(state: &AppState, conn: &ConnInfo, client: IpAddr, refusal: Refusal) {
+    if matches!(
+        refusal,
+        Refusal::InvalidToken(_) | Refusal::OriginNotAllowed
+    ) {
+        state.addresses.record_failure(client, refusal.code());
+    }
     metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => refusal.code())
         .increment(1);
     let detail = match refusal {
@@ -87,7 +116,7 @@ pub fn refused(conn: &ConnInfo, refusal: Refusal) {
         Refusal::OriginNotAllowed => "origin.refused",
         _ => "handshake.refused",
     };
-    info!(event, peer = %conn.peer, reason = refusal.code(), detail, "handshake refused");
+    info!(event, peer = %conn.peer, client = %client, reason = refusal.code(), detail, "handshake refused");
 }
 
 /// Which kind of WebSocket handshake a request is.
@@ -151,15 +180,27 @@ fn upgrade(
     req: &mut Request<Incoming>,
     state: &Arc<AppState>,
     conn: &Arc<ConnInfo>,
+    client: IpAddr,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let kind = handshake_kind(req)?;
     if state.is_draining() {
         return Err(Refusal::ShuttingDown);
     }
+    // Behind a trusted proxy the client is known only now; a direct client
+    // was admitted at accept, and a ban earned since stops it here.
+    let address = if state.is_trusted_proxy(conn.peer.ip()) {
+        Some(state.addresses.admit(client)?)
+    } else if state.addresses.is_banned(client) {
+        return Err(Refusal::RateLimited);
+    } else {
+        None
+    };
     let (identity, source) = authenticate(req, state)?;
+    let user = state.users.admit(&identity.sub)?;
 
     let meta = ConnMeta {
         peer: conn.peer,
+        client,
         client_subject: conn.client_subject.clone(),
         credential_source: source.as_str(),
         http_version: match kind {
@@ -167,7 +208,7 @@ fn upgrade(
             Handshake::Http2 => "h2",
         },
     };
-    start_session(req, state, conn, identity, meta);
+    start_session(req, state, conn, identity, meta, (address, user));
     metrics::counter!("securechat_handshakes_total", "outcome" => "accepted", "reason" => "")
         .increment(1);
 
@@ -236,13 +277,14 @@ fn start_session(
     conn: &Arc<ConnInfo>,
     identity: Identity,
     meta: ConnMeta,
+    (address, user): (Option<AddressSlot>, UserSlot),
 ) {
     let on_upgrade = hyper::upgrade::on(req);
     conn.upgraded.store(true, Ordering::Release);
-    let permit = conn.permit.clone();
+    let hold = conn.hold.clone();
     let state = state.clone();
     state.tasks.clone().spawn(async move {
-        let _permit = permit;
+        let _hold = (hold, address);
         match on_upgrade.await {
             Ok(upgraded) => {
                 let ws = WebSocketStream::from_raw_socket(
@@ -251,7 +293,7 @@ fn start_session(
                     Some(state.ws_config),
                 )
                 .await;
-                session::run(ws, identity, meta, state).await;
+                session::run(ws, identity, meta, user, state).await;
             }
             Err(e) => debug!(event = "upgrade.failed", peer = %meta.peer, error = %e),
         }

@@ -8,6 +8,7 @@
 //! - [`tls`]: rustls server configuration (aws-lc-rs), client certificates.
 //! - [`certs`]: development certificates (`gen-cert`, `serve --dev`).
 //! - [`server`]: accept loop, connection cap, handshake deadline, shutdown.
+//! - [`admission`]: per-address caps, handshake rates, bans; per-user caps.
 //! - [`http`]: routes; the upgrade checks (shape, subprotocol, Origin, token).
 //! - [`refusal`]: every HTTP refusal and its status, in one place.
 //! - [`auth`]: token verification ([`auth::jwt`]), Origin allow-list
@@ -25,6 +26,7 @@
 //! `Server::run(shutdown)` serves until the shutdown future completes, so
 //! tests drive the real server on `127.0.0.1:0`.
 
+pub mod admission;
 pub mod auth;
 pub mod certs;
 pub mod config;
@@ -119,7 +121,11 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
         );
     }
     let broker = Arc::new(MemoryBroker::new(config.limits.max_rooms));
-    let hub = hub::Hub::new(broker, config.limits.outbound_queue_messages);
+    let hub = hub::Hub::new(
+        broker,
+        config.limits.outbound_queue_messages,
+        config.limits.max_members_per_room,
+    );
     let state = Arc::new(AppState::new(Arc::new(config), Arc::new(keys), hub));
     Ok(server::Server::new(listener, state, tls.map(|t| t.config)))
 }

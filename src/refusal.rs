@@ -86,6 +86,9 @@ impl Refusal {
         let body = serde_json::json!({ "error": self.code(), "message": self.message() });
         let mut response = json_response(self.status(), &body);
         let headers = response.headers_mut();
+        // One refusal per connection: a refused client cannot keep trying
+        // tokens on a kept-alive HTTP/1.1 connection.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         match self {
             Self::MissingToken => {
                 headers.insert(

@@ -12,12 +12,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::http::{self, ConnInfo};
+use crate::http::{self, ConnHold, ConnInfo};
 use crate::refusal::Refusal;
 use crate::state::AppState;
 
@@ -128,29 +128,41 @@ impl Server {
 impl Server {
     fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
+        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+            return self.refuse(tcp, peer, Refusal::OverCapacity);
+        };
+        // A direct client is admitted by its own address now; one behind a
+        // trusted proxy once its request names it (see `http::upgrade`).
+        let address = if self.state.is_trusted_proxy(peer.ip()) {
+            None
+        } else {
+            match self.state.addresses.admit(peer.ip()) {
+                Ok(slot) => Some(slot),
+                Err(refusal) => return self.refuse(tcp, peer, refusal),
+            }
+        };
+        let hold = ConnHold::new(permit, address);
         let state = self.state.clone();
+        self.state
+            .tasks
+            .spawn(serve_connection(tcp, peer, state, self.tls.clone(), hold));
+    }
+
+    /// Answers a connection refused before TLS, if a refusal slot is free;
+    /// otherwise just closes it.
+    fn refuse(&self, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
+        metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => refusal.code())
+            .increment(1);
+        debug!(event = "handshake.refused", peer = %peer, reason = refusal.code(), stage = "accept");
+        let Ok(slot) = self.refusals.clone().try_acquire_owned() else {
+            return;
+        };
         let tls = self.tls.clone();
-        match self.connections.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.state
-                    .tasks
-                    .spawn(serve_connection(tcp, peer, state, tls, permit));
-            }
-            Err(_) => {
-                metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => Refusal::OverCapacity.code())
-                    .increment(1);
-                if let Ok(slot) = self.refusals.clone().try_acquire_owned() {
-                    self.state.tasks.spawn(async move {
-                        let _slot = slot;
-                        let _ = tokio::time::timeout(
-                            REFUSAL_DEADLINE,
-                            refuse_connection(tcp, peer, tls, Refusal::OverCapacity),
-                        )
-                        .await;
-                    });
-                }
-            }
-        }
+        self.state.tasks.spawn(async move {
+            let _slot = slot;
+            let _ =
+                tokio::time::timeout(REFUSAL_DEADLINE, refuse_connection(tcp, tls, refusal)).await;
+        });
     }
 }
 
@@ -160,20 +172,25 @@ async fn serve_connection(
     peer: SocketAddr,
     state: Arc<AppState>,
     tls: Option<TlsAcceptor>,
-    permit: OwnedSemaphorePermit,
+    hold: ConnHold,
 ) {
     let deadline = Instant::now() + state.config.handshake_timeout();
     let Some(tls) = tls else {
-        return serve_http(tcp, peer, None, state, permit, deadline).await;
+        return serve_http(tcp, peer, None, state, hold, deadline).await;
     };
     match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
         Ok(Ok(stream)) => {
             let subject = crate::tls::client_subject(stream.get_ref().1);
-            serve_http(stream, peer, subject, state, permit, deadline).await
+            serve_http(stream, peer, subject, state, hold, deadline).await
         }
         Ok(Err(e)) => {
             metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "tls")
                 .increment(1);
+            if is_certificate_error(&e) {
+                state
+                    .addresses
+                    .record_failure(peer.ip(), "client_certificate");
+            }
             debug!(event = "handshake.refused", peer = %peer, reason = "tls", error = %e);
         }
         Err(_) => {
@@ -210,7 +227,7 @@ async fn serve_http<IO>(
     peer: SocketAddr,
     client_subject: Option<String>,
     state: Arc<AppState>,
-    permit: OwnedSemaphorePermit,
+    hold: ConnHold,
     deadline: Instant,
 ) where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -219,7 +236,7 @@ async fn serve_http<IO>(
         peer,
         client_subject,
         upgraded: AtomicBool::new(false),
-        permit: Arc::new(permit),
+        hold: Arc::new(hold),
     });
     let service = {
         let state = state.clone();
@@ -255,14 +272,18 @@ async fn serve_http<IO>(
     }
 }
 
-/// Answers every request on an over-capacity connection with a refusal.
-async fn refuse_connection(
-    tcp: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    refusal: Refusal,
-) {
-    debug!(event = "handshake.refused", peer = %peer, reason = refusal.code());
+/// Whether a failed TLS handshake was about the client's certificate
+/// (missing where required, or not trusted).
+fn is_certificate_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::NoCertificatesPresented | rustls::Error::InvalidCertificate(_))
+    )
+}
+
+/// Answers every request on a connection refused at accept.
+async fn refuse_connection(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refusal) {
     let service =
         service_fn(
             move |_req| async move { Ok::<_, std::convert::Infallible>(refusal.response()) },

@@ -8,6 +8,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admission::{AddressGuard, Users};
 use crate::auth::jwt::KeyRing;
 use crate::auth::origin::AllowedOrigins;
 use crate::config::Config;
@@ -33,6 +34,12 @@ pub struct AppState {
     pub tasks: TaskTracker,
     /// WebSocket limits for every session.
     pub ws_config: WebSocketConfig,
+    /// Per-address caps, handshake rates and bans.
+    pub addresses: Arc<AddressGuard>,
+    /// Per-user connection caps and message-rate buckets.
+    pub users: Arc<Users>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     next_session: AtomicU64,
 }
 
@@ -55,6 +62,14 @@ impl AppState {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             ws_config,
+            addresses: Arc::new(AddressGuard::new(limits, &config.bans)),
+            users: Arc::new(Users::new(limits)),
+            trusted_proxies: config
+                .server
+                .trusted_proxies
+                .iter()
+                .filter_map(|n| crate::config::parse_net(n).ok())
+                .collect(),
             next_session: AtomicU64::new(1),
             config,
         }
@@ -63,6 +78,11 @@ impl AppState {
     /// A node-unique session number.
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Whether `ip` is a proxy whose `X-Forwarded-For` names the client.
+    pub fn is_trusted_proxy(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&ip))
     }
 
     pub fn is_draining(&self) -> bool {

@@ -71,6 +71,19 @@ pub struct Joined {
     pub recovered: bool,
 }
 
+/// Why a join did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The room has `limits.max_members_per_room` members on this node.
+    #[error("the room is full")]
+    Full,
+    /// The member was kicked or left while joining.
+    #[error("membership ended while joining")]
+    Ended,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
 /// Rooms with members on this node.
 pub struct Hub {
     rooms: RwLock<HashMap<String, Arc<LocalRoom>>>,
@@ -78,14 +91,21 @@ pub struct Hub {
     /// Most messages replayed on one join: half the outbound queue, so the
     /// replay itself cannot make the member a slow consumer.
     max_replay: usize,
+    /// Members one room may have on this node.
+    max_members: usize,
 }
 
 impl Hub {
-    pub fn new(broker: Arc<dyn Broker>, outbound_queue_messages: usize) -> Arc<Self> {
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        outbound_queue_messages: usize,
+        max_members: usize,
+    ) -> Arc<Self> {
         let hub = Arc::new(Self {
             rooms: RwLock::new(HashMap::new()),
             broker: broker.clone(),
             max_replay: (outbound_queue_messages / 2).max(1),
+            max_members,
         });
         let sink: Arc<dyn EventSink> = hub.clone();
         broker.attach(Arc::downgrade(&sink));
@@ -108,7 +128,7 @@ impl Hub {
         room: &str,
         member: MemberHandle,
         since: Option<u64>,
-    ) -> Result<(Joined, Arc<Membership>), BrokerError> {
+    ) -> Result<(Joined, Arc<Membership>), JoinError> {
         let membership = Arc::new(Membership {
             active: AtomicBool::new(true),
         });
@@ -116,7 +136,11 @@ impl Hub {
         let local = {
             let mut rooms = write(&self.rooms);
             let local = rooms.entry(room.to_owned()).or_default().clone();
-            lock(&local.members).insert(
+            let mut members = lock(&local.members);
+            if members.len() >= self.max_members {
+                return Err(JoinError::Full);
+            }
+            members.insert(
                 session_id,
                 Member {
                     handle: member.clone(),
@@ -124,6 +148,7 @@ impl Hub {
                     state: MemberState::Pending(Vec::new()),
                 },
             );
+            drop(members);
             local
         };
         let history = async {
@@ -138,14 +163,14 @@ impl Hub {
             Ok(history) => history,
             Err(e) => {
                 self.leave(room, session_id);
-                return Err(e);
+                return Err(e.into());
             }
         };
 
         let mut members = lock(&local.members);
         let Some(entry) = members.get_mut(&session_id) else {
-            // Kicked or left while joining.
-            return Err(BrokerError("membership ended while joining".into()));
+            // Kicked while joining.
+            return Err(JoinError::Ended);
         };
         let skip = history.messages.len().saturating_sub(self.max_replay);
         let recovered = since.is_none() || (history.complete && skip == 0);

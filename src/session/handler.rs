@@ -9,6 +9,7 @@ use tracing::{debug, info, warn};
 
 use super::{JoinedRoom, Session, count_refusal};
 use crate::auth::jwt::TokenError;
+use crate::hub::JoinError;
 use crate::hub::broker::{DeleteOutcome, Draft};
 use crate::protocol::{
     ClientFrame, Delete, Disconnect, ErrorCode, FrameError, Join, Kick, Leave, Payload, Refresh,
@@ -38,7 +39,12 @@ impl Session {
             }
         };
         let reference = frame.client_ref().map(str::to_owned);
-        if self.limiter.check().is_err() {
+        if matches!(frame, ClientFrame::Ping(_)) {
+            // An application ping keeps the connection alive, not the session.
+        } else {
+            self.last_active = Instant::now();
+        }
+        if self.limiter.check().is_err() || self.user.limiter.check().is_err() {
             self.refuse(
                 FrameError::new(ErrorCode::RateLimited, "slow down: message rate exceeded")
                     .with_ref(reference.as_deref()),
@@ -131,7 +137,13 @@ impl Session {
             .hub
             .join(&join.room, self.member_handle(), join.since)
             .await
-            .map_err(internal)?;
+            .map_err(|e| match e {
+                JoinError::Full => FrameError::new(ErrorCode::Forbidden, "the room is full"),
+                JoinError::Ended => {
+                    FrameError::new(ErrorCode::Conflict, "removed from the room while joining")
+                }
+                JoinError::Broker(e) => internal(e),
+            })?;
         debug!(event = "room.joined", room = %join.room, seq = joined.latest, recovered = joined.recovered);
         self.joined
             .insert(join.room, JoinedRoom { policy, membership });

@@ -7,7 +7,7 @@ mod handler;
 pub mod outbox;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info};
 
+use crate::admission::UserSlot;
 use crate::auth::Identity;
 use crate::hub::{MemberHandle, Membership};
 use crate::protocol::{Disconnect, Sender, ServerFrame, WelcomeLimits, WelcomeUser};
@@ -37,6 +38,8 @@ pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
 #[derive(Debug, Clone)]
 pub struct ConnMeta {
     pub peer: SocketAddr,
+    /// The client's address: the peer, or what a trusted proxy says.
+    pub client: IpAddr,
     /// Verified client certificate subject (mTLS), if any.
     pub client_subject: Option<String>,
     /// Where the token came from.
@@ -68,25 +71,37 @@ struct Session {
     invalid_frames: u32,
     /// `session_expiring` was sent for the current token.
     expiry_warned: bool,
+    /// This user's connection slot and shared message-rate bucket.
+    user: UserSlot,
+    /// When anything (a pong included) last arrived.
+    last_received: Instant,
+    /// When a frame other than a ping last arrived.
+    last_active: Instant,
     state: Arc<AppState>,
 }
 
 /// Runs a session to its end. Never panics on peer data.
-pub async fn run(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>) {
+pub async fn run(ws: Ws, identity: Identity, meta: ConnMeta, user: UserSlot, state: Arc<AppState>) {
     let id = state.next_session_id();
-    let span =
-        tracing::info_span!("session", session = id, peer = %meta.peer, user = %identity.sub);
-    run_inner(ws, identity, meta, state, id)
+    let span = tracing::info_span!("session", session = id, peer = %meta.peer, client = %meta.client, user = %identity.sub);
+    run_inner(ws, identity, meta, user, state, id)
         .instrument(span)
         .await
 }
 
-async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppState>, id: u64) {
+async fn run_inner(
+    ws: Ws,
+    identity: Identity,
+    meta: ConnMeta,
+    user: UserSlot,
+    state: Arc<AppState>,
+    id: u64,
+) {
     let started = Instant::now();
     let limits = &state.config.limits;
     let (outbox, mut outbox_rx) =
         outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
-    let mut session = Session::new(id, identity, outbox.clone(), state.clone());
+    let mut session = Session::new(id, identity, outbox.clone(), user, state.clone());
     info!(
         event = "conn.open",
         client_cert = meta.client_subject.as_deref().unwrap_or(""),
@@ -101,7 +116,8 @@ async fn run_inner(ws: Ws, identity: Identity, meta: ConnMeta, state: Arc<AppSta
     let (mut sink, mut stream) = ws.split();
     let await_close_reply = {
         let reader = session.read_loop(&mut stream);
-        let writer = write_loop(&mut sink, &mut outbox_rx, close_timeout);
+        let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
+        let writer = write_loop(&mut sink, &mut outbox_rx, close_timeout, ping_every);
         tokio::pin!(reader, writer);
         tokio::select! {
             reason = &mut reader => {
@@ -144,8 +160,11 @@ async fn write_loop(
     sink: &mut SplitSink<Ws, Message>,
     rx: &mut OutboxReceiver,
     close_timeout: Duration,
+    ping_every: Duration,
 ) {
     let closer = rx.closer();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             biased;
@@ -174,6 +193,16 @@ async fn write_loop(
                     }
                     // A write stuck on a peer that does not read: give up on it.
                     _ = closer.closing() => return,
+                }
+            }
+            _ = ping.tick() => {
+                let sent = tokio::select! {
+                    biased;
+                    result = sink.send(Message::Ping(Default::default())) => result.is_ok(),
+                    _ = closer.closing() => false,
+                };
+                if !sent {
+                    return;
                 }
             }
         }
@@ -214,7 +243,13 @@ async fn send_close(sink: &mut SplitSink<Ws, Message>, reason: Disconnect) {
 }
 
 impl Session {
-    fn new(id: u64, identity: Identity, outbox: Outbox, state: Arc<AppState>) -> Self {
+    fn new(
+        id: u64,
+        identity: Identity,
+        outbox: Outbox,
+        user: UserSlot,
+        state: Arc<AppState>,
+    ) -> Self {
         let limits = &state.config.limits;
         // Validation keeps both at least 1.
         let rate = NonZeroU32::new(limits.rate_per_sec).unwrap_or(NonZeroU32::MIN);
@@ -234,6 +269,9 @@ impl Session {
             strike_window_start: Instant::now(),
             invalid_frames: 0,
             expiry_warned: false,
+            user,
+            last_received: Instant::now(),
+            last_active: Instant::now(),
             state,
         }
     }
@@ -295,6 +333,12 @@ impl Session {
         &mut self,
         frame: Option<Result<Message, tungstenite::Error>>,
     ) -> Option<Disconnect> {
+        if let Some(Ok(message)) = &frame {
+            self.last_received = Instant::now();
+            if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
+                self.last_active = self.last_received;
+            }
+        }
         match frame {
             None => Some(Disconnect::Normal),
             Some(Ok(Message::Text(text))) => {
@@ -327,22 +371,43 @@ impl Session {
         }
     }
 
-    /// When the token's expiry warning or expiry is next due.
+    /// When the next timer is due: the token's expiry warning or expiry,
+    /// the read timeout, or the idle timeout.
     fn next_timer(&self) -> tokio::time::Instant {
-        let leeway = self.state.config.auth.leeway_secs as i64;
-        let warning = self.state.config.session.expiry_warning_secs as i64;
-        let at = if self.expiry_warned {
+        let config = &self.state.config;
+        let leeway = config.auth.leeway_secs as i64;
+        let warning = config.session.expiry_warning_secs as i64;
+        let token_at = if self.expiry_warned {
             self.identity.expires_at + leeway
         } else {
             self.identity.expires_at - warning
         };
         let now = crate::auth::jwt::now_unix();
-        let wait = Duration::from_secs(at.saturating_sub(now).max(0) as u64);
-        // Far-future tokens: wake once a day at most (sleep_until caps anyway).
-        tokio::time::Instant::now() + wait.min(Duration::from_secs(86_400))
+        let token_wait = Duration::from_secs(token_at.saturating_sub(now).max(0) as u64);
+        let token_due = Instant::now() + token_wait.min(Duration::from_secs(86_400));
+        let read_due = self.last_received + Duration::from_secs(config.session.read_timeout_secs);
+        let idle_due = self.last_active + Duration::from_secs(config.session.idle_timeout_secs);
+        tokio::time::Instant::from_std(token_due.min(read_due).min(idle_due))
     }
 
     fn on_timer(&mut self) -> Option<Disconnect> {
+        let session = &self.state.config.session;
+        if self.last_received.elapsed() >= Duration::from_secs(session.read_timeout_secs) {
+            info!(
+                event = "session.timeout",
+                reason = "no_answer",
+                "client stopped answering"
+            );
+            return Some(Disconnect::IdleTimeout);
+        }
+        if self.last_active.elapsed() >= Duration::from_secs(session.idle_timeout_secs) {
+            info!(
+                event = "session.timeout",
+                reason = "idle",
+                "session idle too long"
+            );
+            return Some(Disconnect::IdleTimeout);
+        }
         let now = crate::auth::jwt::now_unix();
         let leeway = self.state.config.auth.leeway_secs as i64;
         if now >= self.identity.expires_at + leeway {
@@ -352,7 +417,7 @@ impl Session {
             );
             return Some(Disconnect::Expired);
         }
-        let warning = self.state.config.session.expiry_warning_secs as i64;
+        let warning = session.expiry_warning_secs as i64;
         if !self.expiry_warned && now >= self.identity.expires_at - warning {
             self.expiry_warned = true;
             self.outbox.push_text(

@@ -56,6 +56,15 @@ public_key_file = "es.pub.pem"
 [security]
 allowed_origins = ["https://chat.test", "https://*.apps.test"]
 
+[limits]
+# Many handshakes and failures come from 127.0.0.1 in one test; the tests of
+# these limits set their own.
+handshake_rate_per_ip = 1000
+handshake_burst_per_ip = 1000
+
+[bans]
+max_failures = 1000
+
 [dm]
 enabled = true
 
