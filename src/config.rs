@@ -272,6 +272,8 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     /// Largest single WebSocket frame.
     pub max_frame_bytes: usize,
+    /// Fragments one message may arrive in.
+    pub max_fragments_per_message: u32,
     /// Per-connection read buffer.
     pub read_buffer_bytes: usize,
     /// Per-connection write buffer before a flush is forced.
@@ -315,6 +317,7 @@ impl Default for LimitsConfig {
             max_members_per_room: 10_000,
             max_message_bytes: 16 * 1024,
             max_frame_bytes: 16 * 1024,
+            max_fragments_per_message: 64,
             read_buffer_bytes: 4 * 1024,
             write_buffer_bytes: 0,
             max_write_buffer_bytes: 64 * 1024,
@@ -688,6 +691,12 @@ impl Config {
             l.max_frame_bytes,
             256,
             l.max_message_bytes,
+        )?;
+        check(
+            "max_fragments_per_message",
+            l.max_fragments_per_message as usize,
+            1,
+            100_000,
         )?;
         check("read_buffer_bytes", l.read_buffer_bytes, 512, 1024 * 1024)?;
         check("write_buffer_bytes", l.write_buffer_bytes, 0, 1024 * 1024)?;

@@ -14,9 +14,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tracing::{debug, info};
 
 use crate::admission::{AddressSlot, UserSlot, client_address};
@@ -287,13 +285,7 @@ fn start_session(
         let _hold = (hold, address);
         match on_upgrade.await {
             Ok(upgraded) => {
-                let ws = WebSocketStream::from_raw_socket(
-                    TokioIo::new(upgraded),
-                    Role::Server,
-                    Some(state.ws_config),
-                )
-                .await;
-                session::run(ws, identity, meta, user, state).await;
+                session::run(TokioIo::new(upgraded), identity, meta, user, state).await;
             }
             Err(e) => debug!(event = "upgrade.failed", peer = %meta.peer, error = %e),
         }

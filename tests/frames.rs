@@ -194,3 +194,38 @@ async fn refresh_extends_the_session_for_the_same_user_only() {
     client.send(json!({"type": "ping", "id": "still"})).await;
     assert_eq!(client.recv().await["id"], "still");
 }
+
+#[tokio::test]
+async fn too_many_fragments_close_with_1009() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let server = TestServer::start_with(|c| c.limits.max_fragments_per_message = 4).await;
+    let mut client = server.connect(&server.token("alice")).await;
+    let text = r#"{"type":"ping","id":"frag"}"#.as_bytes();
+    let send_fragmented = |pieces: usize| {
+        let chunk = text.len().div_ceil(pieces);
+        text.chunks(chunk)
+            .enumerate()
+            .map(|(i, part)| {
+                let opcode = if i == 0 {
+                    OpCode::Data(Data::Text)
+                } else {
+                    OpCode::Data(Data::Continue)
+                };
+                let last = (i + 1) * chunk >= text.len();
+                Message::Frame(Frame::message(part.to_vec(), opcode, last))
+            })
+            .collect::<Vec<_>>()
+    };
+    // Within the limit: reassembled and answered.
+    for frame in send_fragmented(4) {
+        client.send_raw(frame).await;
+    }
+    assert_eq!(client.recv().await, json!({"type": "pong", "id": "frag"}));
+    // One fragment too many.
+    for frame in send_fragmented(8) {
+        client.send_raw(frame).await;
+    }
+    assert_eq!(client.recv_close().await.0, 1009);
+}

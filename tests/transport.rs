@@ -244,7 +244,7 @@ async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin)) -> bool {
 async fn slow_handshakes_are_dropped_at_the_deadline() {
     let server = TestServer::start_with(|c| {
         c.server.handshake_timeout_ms = 300;
-        c.limits.max_connections = 2;
+        c.limits.max_connections = 3;
     })
     .await;
     // Never starts TLS.
@@ -255,6 +255,11 @@ async fn slow_handshakes_are_dropped_at_the_deadline() {
         .write_all(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .unwrap();
+    // Meanwhile an honest client connects and is served.
+    let mut honest = server.connect(&server.token("honest")).await;
+    honest.send(json!({"type": "ping"})).await;
+    assert_eq!(honest.recv().await["type"], "pong");
+
     let writer = async {
         for _ in 0..50 {
             if trickle.write_all(b"X").await.is_err() {
@@ -266,10 +271,9 @@ async fn slow_handshakes_are_dropped_at_the_deadline() {
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
     assert!(closed_by_server(&mut trickle).await, "trickled headers");
     assert!(closed_by_server(&mut silent).await, "stalled TLS");
-    // Both permits are free again: an honest client connects.
-    let mut honest = server.connect(&server.token("honest")).await;
-    honest.send(json!({"type": "ping"})).await;
-    assert_eq!(honest.recv().await["type"], "pong");
+    // Neither holds a permit any more: two more clients fit under the cap of 3.
+    let _second = server.connect(&server.token("second")).await;
+    let _third = server.connect(&server.token("third")).await;
 }
 
 #[tokio::test]

@@ -3,6 +3,7 @@
 //!
 //! Frame handling lives in [`handler`]; the outbound queue in [`outbox`].
 
+pub mod fragments;
 mod handler;
 pub mod outbox;
 
@@ -10,6 +11,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -18,8 +20,8 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info};
 
@@ -29,10 +31,11 @@ use crate::hub::{MemberHandle, Membership};
 use crate::protocol::{Disconnect, Sender, ServerFrame, WelcomeLimits, WelcomeUser};
 use crate::rooms::RoomPolicy;
 use crate::state::AppState;
+use fragments::FragmentLimited;
 use outbox::{Outbox, OutboxReceiver};
 
 /// The WebSocket of one session.
-pub type Ws = WebSocketStream<TokioIo<Upgraded>>;
+pub type Ws = WebSocketStream<FragmentLimited<TokioIo<Upgraded>>>;
 
 /// Facts about the connection, from before the upgrade.
 #[derive(Debug, Clone)]
@@ -77,14 +80,29 @@ struct Session {
     last_received: Instant,
     /// When a frame other than a ping last arrived.
     last_active: Instant,
+    /// Set by the reader when a message came in too many fragments.
+    too_fragmented: Arc<AtomicBool>,
     state: Arc<AppState>,
 }
 
 /// Runs a session to its end. Never panics on peer data.
-pub async fn run(ws: Ws, identity: Identity, meta: ConnMeta, user: UserSlot, state: Arc<AppState>) {
+pub async fn run(
+    io: TokioIo<Upgraded>,
+    identity: Identity,
+    meta: ConnMeta,
+    user: UserSlot,
+    state: Arc<AppState>,
+) {
+    let too_fragmented = Arc::new(AtomicBool::new(false));
+    let io = FragmentLimited::new(
+        io,
+        state.config.limits.max_fragments_per_message,
+        too_fragmented.clone(),
+    );
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(state.ws_config)).await;
     let id = state.next_session_id();
     let span = tracing::info_span!("session", session = id, peer = %meta.peer, client = %meta.client, user = %identity.sub);
-    run_inner(ws, identity, meta, user, state, id)
+    run_inner(ws, identity, meta, user, state, id, too_fragmented)
         .instrument(span)
         .await
 }
@@ -96,12 +114,14 @@ async fn run_inner(
     user: UserSlot,
     state: Arc<AppState>,
     id: u64,
+    too_fragmented: Arc<AtomicBool>,
 ) {
     let started = Instant::now();
     let limits = &state.config.limits;
     let (outbox, mut outbox_rx) =
         outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
     let mut session = Session::new(id, identity, outbox.clone(), user, state.clone());
+    session.too_fragmented = too_fragmented;
     info!(
         event = "conn.open",
         client_cert = meta.client_subject.as_deref().unwrap_or(""),
@@ -272,6 +292,7 @@ impl Session {
             user,
             last_received: Instant::now(),
             last_active: Instant::now(),
+            too_fragmented: Arc::default(),
             state,
         }
     }
@@ -356,6 +377,11 @@ impl Session {
             Some(Err(tungstenite::Error::Capacity(_))) => {
                 count_refusal("too_large");
                 debug!(event = "frame.refused", reason = "too_large");
+                Some(Disconnect::TooLarge)
+            }
+            Some(Err(tungstenite::Error::Io(_))) if self.too_fragmented.load(Ordering::Relaxed) => {
+                count_refusal("too_fragmented");
+                debug!(event = "frame.refused", reason = "too_fragmented");
                 Some(Disconnect::TooLarge)
             }
             Some(Err(

@@ -1,0 +1,372 @@
+//! Abuse resistance over the wire: per-address and per-user caps, handshake
+//! floods, bans and their expiry, trusted proxies, slow consumers, idle and
+//! unanswered connections, room size.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, TestServer};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+fn with_token(server: &TestServer, token: &str) -> http::Request<()> {
+    server
+        .request()
+        .header("Authorization", format!("Bearer {token}"))
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn per_address_connection_cap() {
+    let server = TestServer::start_with(|c| c.limits.max_connections_per_ip = 2).await;
+    let first = server.connect(&server.token("a")).await;
+    let _second = server.connect(&server.token("b")).await;
+    let refused = server
+        .expect_refused(
+            with_token(&server, &server.token("c")),
+            429,
+            "too_many_connections",
+        )
+        .await;
+    assert!(refused.headers.contains_key("retry-after"));
+    drop(first);
+    // The slot is released once the first session has ended.
+    let mut accepted = false;
+    for _ in 0..50 {
+        if server
+            .try_connect(with_token(&server, &server.token("c")))
+            .await
+            .is_ok()
+        {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(accepted, "a freed slot admits a new connection");
+}
+
+#[tokio::test]
+async fn handshake_flood_from_one_address() {
+    let server = TestServer::start_with(|c| {
+        c.limits.handshake_rate_per_ip = 1;
+        c.limits.handshake_burst_per_ip = 3;
+    })
+    .await;
+    for i in 0..3 {
+        let client = server.connect(&server.token(&format!("u{i}"))).await;
+        drop(client);
+    }
+    server
+        .expect_refused(
+            with_token(&server, &server.token("u9")),
+            429,
+            "rate_limited",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn per_user_connection_cap() {
+    let server = TestServer::start_with(|c| c.limits.max_connections_per_user = 1).await;
+    let _alice = server.connect(&server.token("alice")).await;
+    server
+        .expect_refused(
+            with_token(&server, &server.token("alice")),
+            429,
+            "too_many_connections",
+        )
+        .await;
+    let _bob = server.connect(&server.token("bob")).await;
+}
+
+#[tokio::test]
+async fn per_user_rate_spans_connections() {
+    let server = TestServer::start_with(|c| {
+        c.limits.rate_per_sec = 1000;
+        c.limits.burst = 1000;
+        c.limits.user_rate_per_sec = 1;
+        c.limits.user_burst = 4;
+    })
+    .await;
+    let mut one = server.connect(&server.token("alice")).await;
+    let mut two = server.connect(&server.token("alice")).await;
+    for i in 0..2 {
+        one.send(json!({"type": "ping", "id": format!("one{i}")}))
+            .await;
+        assert_eq!(one.recv().await["type"], "pong");
+        two.send(json!({"type": "ping", "id": format!("two{i}")}))
+            .await;
+        assert_eq!(two.recv().await["type"], "pong");
+    }
+    two.send(json!({"type": "ping", "id": "over"})).await;
+    let e = two.recv().await;
+    assert_eq!(
+        (e["code"].as_str(), e["ref"].as_str()),
+        (Some("rate_limited"), Some("over"))
+    );
+}
+
+#[tokio::test]
+async fn repeated_failures_ban_the_address_until_the_ban_expires() {
+    let server = TestServer::start_with(|c| {
+        c.bans.max_failures = 3;
+        c.bans.ban_secs = 1;
+    })
+    .await;
+    for _ in 0..3 {
+        server
+            .expect_refused(
+                with_token(&server, "forged.token.value"),
+                401,
+                "invalid_token",
+            )
+            .await;
+    }
+    // Banned: even a valid token is refused now.
+    server
+        .expect_refused(
+            with_token(&server, &server.token("alice")),
+            429,
+            "rate_limited",
+        )
+        .await;
+    assert_eq!(server.state.addresses.active_bans(), 1);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(
+        server
+            .try_connect(with_token(&server, &server.token("alice")))
+            .await
+            .is_ok()
+    );
+    assert_eq!(server.state.addresses.active_bans(), 0);
+}
+
+#[tokio::test]
+async fn foreign_origins_count_toward_a_ban() {
+    let server = TestServer::start_with(|c| c.bans.max_failures = 2).await;
+    let token = server.token("alice");
+    for _ in 0..2 {
+        let req = server
+            .request()
+            .header("Authorization", format!("Bearer {token}"))
+            .header("Origin", "https://evil.test")
+            .body(())
+            .unwrap();
+        server.expect_refused(req, 403, "origin_not_allowed").await;
+    }
+    server
+        .expect_refused(with_token(&server, &token), 429, "rate_limited")
+        .await;
+}
+
+#[tokio::test]
+async fn allow_listed_addresses_are_never_banned() {
+    let server = TestServer::start_with(|c| {
+        c.bans.max_failures = 2;
+        c.bans.allow = vec!["127.0.0.0/8".into()];
+    })
+    .await;
+    for _ in 0..4 {
+        server
+            .expect_refused(
+                with_token(&server, "forged.token.value"),
+                401,
+                "invalid_token",
+            )
+            .await;
+    }
+    assert!(
+        server
+            .try_connect(with_token(&server, &server.token("alice")))
+            .await
+            .is_ok()
+    );
+}
+
+fn forwarded(server: &TestServer, token: &str, client: &str) -> http::Request<()> {
+    server
+        .request()
+        .header("Authorization", format!("Bearer {token}"))
+        .header("X-Forwarded-For", client)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    // Trusted: bans fall on the forwarded client, not on the proxy.
+    let server = TestServer::start_with(|c| {
+        c.bans.max_failures = 2;
+        c.server.trusted_proxies = vec!["127.0.0.1".into()];
+    })
+    .await;
+    for _ in 0..2 {
+        server
+            .expect_refused(
+                forwarded(&server, "bad.token.x", "203.0.113.9"),
+                401,
+                "invalid_token",
+            )
+            .await;
+    }
+    let good = server.token("alice");
+    server
+        .expect_refused(
+            forwarded(&server, &good, "203.0.113.9"),
+            429,
+            "rate_limited",
+        )
+        .await;
+    assert!(
+        server
+            .try_connect(forwarded(&server, &good, "203.0.113.10"))
+            .await
+            .is_ok()
+    );
+
+    // Untrusted: the header is ignored and the peer itself is banned.
+    let server = TestServer::start_with(|c| c.bans.max_failures = 2).await;
+    for _ in 0..2 {
+        server
+            .expect_refused(
+                forwarded(&server, "bad.token.x", "203.0.113.9"),
+                401,
+                "invalid_token",
+            )
+            .await;
+    }
+    let good = server.token("alice");
+    server
+        .expect_refused(
+            forwarded(&server, &good, "203.0.113.10"),
+            429,
+            "rate_limited",
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn rooms_have_a_member_cap() {
+    let server = TestServer::start_with(|c| c.limits.max_members_per_room = 2).await;
+    let _a = server.member("a", "general").await;
+    let _b = server.member("b", "general").await;
+    let mut c = server.connect(&server.token("c")).await;
+    c.send(json!({"type": "join", "room": "general"})).await;
+    assert_eq!(c.recv().await["code"], "forbidden");
+}
+
+#[tokio::test]
+async fn clients_that_stop_answering_are_closed_with_4010() {
+    let server = TestServer::start_with(|c| {
+        c.session.ping_interval_secs = 1;
+        c.session.read_timeout_secs = 2;
+    })
+    .await;
+    let mut silent = server.connect(&server.token("silent")).await;
+    // Not polled: the client never answers the server's pings.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(silent.recv_close().await, (4010, "idle_timeout".into()));
+}
+
+#[tokio::test]
+async fn answering_pings_keeps_a_connection_but_not_an_idle_session() {
+    let server = TestServer::start_with(|c| {
+        c.session.ping_interval_secs = 1;
+        c.session.read_timeout_secs = 3;
+        c.session.idle_timeout_secs = 2;
+    })
+    .await;
+    let mut client = server.connect(&server.token("idle")).await;
+    // Polling answers pings; only application frames count as activity.
+    assert_eq!(client.recv_close().await.0, 4010);
+}
+
+/// Reads `count` messages from `client`, checking seq order; returns the seqs.
+async fn read_in_order(client: &mut Client, count: usize) -> Vec<u64> {
+    let mut seqs = Vec::with_capacity(count);
+    while seqs.len() < count {
+        let m = client.recv_type("message").await;
+        seqs.push(m["seq"].as_u64().unwrap());
+    }
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "out of order");
+    seqs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_is_closed_with_4009_while_others_receive_everything() {
+    const MESSAGES: usize = 2000;
+    /// Messages the sender has in flight before it waits for acks.
+    const WINDOW: usize = 32;
+    let server = TestServer::start_with(|c| {
+        c.limits.rate_per_sec = 100_000;
+        c.limits.burst = 100_000;
+        c.limits.user_rate_per_sec = 100_000;
+        c.limits.user_burst = 100_000;
+        c.limits.outbound_queue_messages = 256;
+        c.limits.outbound_queue_bytes = 4 * 1024 * 1024;
+        c.session.close_timeout_ms = 500;
+    })
+    .await;
+    let mut stalled = server.member("stalled", "general").await;
+    let mut readers = Vec::new();
+    for name in ["r1", "r2", "r3"] {
+        let mut client = server.member(name, "general").await;
+        readers.push(tokio::spawn(async move {
+            read_in_order(&mut client, MESSAGES).await
+        }));
+    }
+    let sender = server.member("sender", "general").await;
+    let (mut sink, mut stream) = sender.ws.split();
+    // 24 MB in all: more than the stalled client's socket buffers and its
+    // 4 MiB queue can hold.
+    let body = "x".repeat(12 * 1024);
+    let (mut sent, mut acks) = (0, 0);
+    while acks < MESSAGES {
+        if sent < MESSAGES && sent - acks < WINDOW {
+            let frame =
+                json!({"type": "send", "room": "general", "id": format!("m{sent}"), "body": body});
+            sink.send(Message::Text(frame.to_string().into()))
+                .await
+                .unwrap();
+            sent += 1;
+            continue;
+        }
+        let next = tokio::time::timeout(common::WAIT, stream.next())
+            .await
+            .unwrap();
+        let Some(Ok(Message::Text(text))) = next else {
+            panic!("sender connection ended: {next:?}");
+        };
+        if text.contains("\"ack\"") {
+            acks += 1;
+        }
+    }
+    for reader in readers {
+        let seqs = reader.await.unwrap();
+        assert_eq!(seqs.len(), MESSAGES);
+    }
+    // The stalled client got a part, then the close (or the cut connection).
+    let mut received = 0;
+    let mut close_code = None;
+    loop {
+        match tokio::time::timeout(common::WAIT, stalled.ws.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Err(_)) | None) => break,
+            Err(_) => panic!("the stalled client was never disconnected"),
+        }
+    }
+    assert!(
+        received < MESSAGES,
+        "the stalled client should have been cut off"
+    );
+    assert!(matches!(close_code, None | Some(4009)), "{close_code:?}");
+}
