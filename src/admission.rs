@@ -417,8 +417,10 @@ mod tests {
 
     #[test]
     fn users_cap_and_shared_bucket() {
-        let mut limits = LimitsConfig::default();
-        limits.max_connections_per_user = 2;
+        let limits = LimitsConfig {
+            max_connections_per_user: 2,
+            ..Default::default()
+        };
         let users = Arc::new(Users::new(&limits));
         let a = users.admit("alice").unwrap();
         let b = users.admit("alice").unwrap();

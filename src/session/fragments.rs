@@ -11,6 +11,10 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// A message arrived in more fragments than allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooFragmented;
+
 /// Where the parser is in the client's frame stream.
 #[derive(Debug, Clone, Copy)]
 enum State {
@@ -43,7 +47,7 @@ impl FragmentCounter {
 
     /// Feeds bytes read from the client; `Err` once a message has too many
     /// fragments.
-    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), ()> {
+    pub fn feed(&mut self, mut data: &[u8]) -> Result<(), TooFragmented> {
         while !data.is_empty() {
             match self.state {
                 State::Payload { remaining } => {
@@ -73,7 +77,7 @@ impl FragmentCounter {
 
     /// Called when `have` header bytes are in: either asks for more (length
     /// and mask fields) or finishes the header.
-    fn header_progress(&mut self, have: usize) -> Result<(), ()> {
+    fn header_progress(&mut self, have: usize) -> Result<(), TooFragmented> {
         let masked = self.header[1] & 0x80 != 0;
         let len7 = self.header[1] & 0x7f;
         let ext = match len7 {
@@ -104,7 +108,7 @@ impl FragmentCounter {
         Ok(())
     }
 
-    fn count(&mut self, fin: bool, opcode: u8) -> Result<(), ()> {
+    fn count(&mut self, fin: bool, opcode: u8) -> Result<(), TooFragmented> {
         match opcode {
             // A data frame starts a message.
             1 | 2 => self.fragments = 1,
@@ -114,7 +118,7 @@ impl FragmentCounter {
             _ => return Ok(()),
         }
         if self.fragments > self.limit {
-            return Err(());
+            return Err(TooFragmented);
         }
         if fin {
             self.fragments = 0;
