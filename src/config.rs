@@ -87,6 +87,9 @@ pub struct ServerConfig {
     /// Proxies (addresses or CIDR ranges) whose `X-Forwarded-For` names the
     /// client. From any other peer the header is ignored.
     pub trusted_proxies: Vec<String>,
+    /// Connections from `trusted_proxies` start with a PROXY protocol header
+    /// (v1 or v2) naming the client.
+    pub proxy_protocol: bool,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +101,7 @@ impl Default for ServerConfig {
             shutdown_grace_ms: 10_000,
             allow_plaintext_public: false,
             trusted_proxies: Vec::new(),
+            proxy_protocol: false,
         }
     }
 }
@@ -789,6 +793,12 @@ impl Config {
         }
         for (i, net) in b.allow.iter().enumerate() {
             parse_net(net).map_err(|e| self.invalid(format!("bans.allow[{i}]"), e))?;
+        }
+        if self.server.proxy_protocol && self.server.trusted_proxies.is_empty() {
+            return Err(self.invalid(
+                "server.proxy_protocol",
+                "is on but server.trusted_proxies is empty: list the proxies that send PROXY headers",
+            ));
         }
         for (i, net) in self.server.trusted_proxies.iter().enumerate() {
             parse_net(net).map_err(|e| self.invalid(format!("server.trusted_proxies[{i}]"), e))?;

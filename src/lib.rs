@@ -9,6 +9,7 @@
 //! - [`certs`]: development certificates (`gen-cert`, `serve --dev`).
 //! - [`server`]: accept loop, connection cap, handshake deadline, shutdown.
 //! - [`admission`]: per-address caps, handshake rates, bans; per-user caps.
+//! - [`proxy`]: the PROXY protocol header from trusted TCP proxies.
 //! - [`http`]: routes; the upgrade checks (shape, subprotocol, Origin, token).
 //! - [`refusal`]: every HTTP refusal and its status, in one place.
 //! - [`auth`]: token verification ([`auth::jwt`]), Origin allow-list
@@ -34,6 +35,7 @@ pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod protocol;
+pub mod proxy;
 pub mod refusal;
 pub mod rooms;
 pub mod server;

@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -129,52 +129,99 @@ impl Server {
     fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
         let _ = tcp.set_nodelay(true);
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-            return self.refuse(tcp, peer, Refusal::OverCapacity);
+            count_refusal(peer, Refusal::OverCapacity, "accept");
+            // Over the cap, only a bounded number of refusals get an answer.
+            let Ok(slot) = self.refusals.clone().try_acquire_owned() else {
+                return;
+            };
+            let tls = self.tls.clone();
+            self.state.tasks.spawn(async move {
+                let _slot = slot;
+                refuse_connection(tcp, tls, Refusal::OverCapacity).await;
+            });
+            return;
         };
-        // A direct client is admitted by its own address now; one behind a
-        // trusted proxy once its request names it (see `http::upgrade`).
-        let address = if self.state.is_trusted_proxy(peer.ip()) {
-            None
-        } else {
-            match self.state.addresses.admit(peer.ip()) {
-                Ok(slot) => Some(slot),
-                Err(refusal) => return self.refuse(tcp, peer, refusal),
-            }
-        };
-        let hold = ConnHold::new(permit, address);
         let state = self.state.clone();
         self.state
             .tasks
-            .spawn(serve_connection(tcp, peer, state, self.tls.clone(), hold));
-    }
-
-    /// Answers a connection refused before TLS, if a refusal slot is free;
-    /// otherwise just closes it.
-    fn refuse(&self, tcp: TcpStream, peer: SocketAddr, refusal: Refusal) {
-        metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => refusal.code())
-            .increment(1);
-        debug!(event = "handshake.refused", peer = %peer, reason = refusal.code(), stage = "accept");
-        let Ok(slot) = self.refusals.clone().try_acquire_owned() else {
-            return;
-        };
-        let tls = self.tls.clone();
-        self.state.tasks.spawn(async move {
-            let _slot = slot;
-            let _ =
-                tokio::time::timeout(REFUSAL_DEADLINE, refuse_connection(tcp, tls, refusal)).await;
-        });
+            .spawn(connection(tcp, peer, state, self.tls.clone(), permit));
     }
 }
 
-/// TLS (when on) then HTTP, all within the handshake deadline.
+fn count_refusal(peer: SocketAddr, refusal: Refusal, stage: &'static str) {
+    metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => refusal.code())
+        .increment(1);
+    debug!(event = "handshake.refused", peer = %peer, reason = refusal.code(), stage);
+}
+
+/// One connection: the PROXY header (from trusted proxies, when enabled),
+/// admission of the client's address, TLS, HTTP; all within the handshake
+/// deadline.
+async fn connection(
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<AppState>,
+    tls: Option<TlsAcceptor>,
+    permit: OwnedSemaphorePermit,
+) {
+    let deadline = Instant::now() + state.config.handshake_timeout();
+    let Some(client) = proxied_client(&mut tcp, peer, &state, deadline).await else {
+        return;
+    };
+    // A direct client is admitted by its address now; one whose requests come
+    // through an HTTP proxy once a request names it (see `http::upgrade`).
+    let address = if state.is_trusted_proxy(client.ip()) {
+        None
+    } else {
+        match state.addresses.admit(client.ip()) {
+            Ok(slot) => Some(slot),
+            Err(refusal) => {
+                count_refusal(client, refusal, "accept");
+                return refuse_connection(tcp, tls, refusal).await;
+            }
+        }
+    };
+    let hold = ConnHold::new(permit, address);
+    serve_connection(tcp, client, state, tls, hold, deadline).await
+}
+
+/// The client's address: the peer, or what a trusted proxy's PROXY header
+/// says. `None` when a trusted proxy fails to send a valid header in time.
+async fn proxied_client(
+    tcp: &mut TcpStream,
+    peer: SocketAddr,
+    state: &AppState,
+    deadline: Instant,
+) -> Option<SocketAddr> {
+    if !(state.config.server.proxy_protocol && state.is_trusted_proxy(peer.ip())) {
+        return Some(peer);
+    }
+    match tokio::time::timeout_at(deadline, crate::proxy::read_header(tcp)).await {
+        Ok(Ok(client)) => Some(client.unwrap_or(peer)),
+        Ok(Err(e)) => {
+            metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "proxy_protocol")
+                .increment(1);
+            warn!(event = "handshake.refused", peer = %peer, reason = "proxy_protocol", error = %e);
+            None
+        }
+        Err(_) => {
+            metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "timeout")
+                .increment(1);
+            debug!(event = "handshake.refused", peer = %peer, reason = "timeout", stage = "proxy_protocol");
+            None
+        }
+    }
+}
+
+/// TLS (when on) then HTTP, within the handshake deadline.
 async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
     tls: Option<TlsAcceptor>,
     hold: ConnHold,
+    deadline: Instant,
 ) {
-    let deadline = Instant::now() + state.config.handshake_timeout();
     let Some(tls) = tls else {
         return serve_http(tcp, peer, None, state, hold, deadline).await;
     };
@@ -282,8 +329,13 @@ fn is_certificate_error(e: &std::io::Error) -> bool {
     )
 }
 
-/// Answers every request on a connection refused at accept.
+/// Answers every request on a connection refused at accept, within
+/// [`REFUSAL_DEADLINE`].
 async fn refuse_connection(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refusal) {
+    let _ = tokio::time::timeout(REFUSAL_DEADLINE, answer_refusal(tcp, tls, refusal)).await;
+}
+
+async fn answer_refusal(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refusal) {
     let service =
         service_fn(
             move |_req| async move { Ok::<_, std::convert::Infallible>(refusal.response()) },

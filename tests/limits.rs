@@ -370,3 +370,47 @@ async fn a_stalled_reader_is_closed_with_4009_while_others_receive_everything() 
     );
     assert!(matches!(close_code, None | Some(4009)), "{close_code:?}");
 }
+
+#[tokio::test]
+async fn proxy_protocol_names_the_client_for_bans() {
+    let server = TestServer::start_with(|c| {
+        c.bans.max_failures = 2;
+        c.server.trusted_proxies = vec!["127.0.0.0/8".into()];
+        c.server.proxy_protocol = true;
+    })
+    .await;
+    let server = &server;
+    let via = |client: &'static str| async move {
+        let header = format!("PROXY TCP4 {client} 127.0.0.1 40000 443\r\n");
+        server
+            .try_tls_after(header.as_bytes(), &[b"http/1.1"], None)
+            .await
+            .expect("TLS after the PROXY header")
+    };
+    for _ in 0..2 {
+        let refused = server
+            .upgrade_on(via("203.0.113.9").await, with_token(server, "bad.token.x"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(refused.status, 401);
+    }
+    let good = server.token("alice");
+    let refused = server
+        .upgrade_on(via("203.0.113.9").await, with_token(server, &good))
+        .await
+        .err()
+        .expect("the banned client is refused");
+    assert_eq!(
+        (refused.status, refused.body["error"].as_str()),
+        (429, Some("rate_limited"))
+    );
+    assert!(
+        server
+            .upgrade_on(via("203.0.113.10").await, with_token(server, &good))
+            .await
+            .is_ok()
+    );
+    // A trusted peer that sends no header is dropped.
+    assert!(server.try_tls(&[b"http/1.1"], None).await.is_err());
+}

@@ -285,8 +285,20 @@ impl TestServer {
         alpn: &[&[u8]],
         client_cert: Option<&PemPair>,
     ) -> std::io::Result<TlsStream<TcpStream>> {
+        self.try_tls_after(b"", alpn, client_cert).await
+    }
+
+    /// TLS after sending `prefix` (a PROXY protocol header) on the TCP stream.
+    pub async fn try_tls_after(
+        &self,
+        prefix: &[u8],
+        alpn: &[&[u8]],
+        client_cert: Option<&PemPair>,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        use tokio::io::AsyncWriteExt;
         let config = client_tls_config(&self.pki.ca.cert_pem, alpn, client_cert);
-        let tcp = TcpStream::connect(self.addr).await?;
+        let mut tcp = TcpStream::connect(self.addr).await?;
+        tcp.write_all(prefix).await?;
         TlsConnector::from(Arc::new(config))
             .connect(ServerName::try_from("localhost").unwrap(), tcp)
             .await
@@ -303,6 +315,15 @@ impl TestServer {
         client_cert: Option<&PemPair>,
     ) -> Result<Client, Refused> {
         let tls = self.tls(&[b"http/1.1"], client_cert).await;
+        self.upgrade_on(tls, req).await
+    }
+
+    /// Attempts an upgrade on an established TLS stream.
+    pub async fn upgrade_on(
+        &self,
+        tls: TlsStream<TcpStream>,
+        req: Request<()>,
+    ) -> Result<Client, Refused> {
         let config = WebSocketConfig::default().max_message_size(Some(1 << 20));
         match tokio_tungstenite::client_async_with_config(req, tls, Some(config)).await {
             Ok((ws, response)) => Ok(Client {
