@@ -133,21 +133,35 @@ impl AddressGuard {
         }
     }
 
+    /// The entry of `key`, created if the table has room (after pruning);
+    /// `None` when the table is full of entries worth keeping.
+    fn entry<'a>(
+        &self,
+        entries: &'a mut HashMap<IpAddr, AddressEntry>,
+        key: IpAddr,
+        now: Instant,
+    ) -> Option<&'a mut AddressEntry> {
+        if !entries.contains_key(&key) && entries.len() >= self.bans.max_tracked {
+            self.prune(entries, now);
+            if entries.len() >= self.bans.max_tracked {
+                warn!(event = "admission.table_full", tracked = entries.len());
+                return None;
+            }
+        }
+        let entry = entries.entry(key).or_insert_with(|| self.new_entry(now));
+        entry.last_seen = now;
+        Some(entry)
+    }
+
     /// Admits one connection from `ip`: not banned, within the handshake
     /// rate, under the per-address cap.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<AddressSlot, Refusal> {
         let key = address_key(ip);
         let now = Instant::now();
         let mut entries = lock(&self.entries);
-        if !entries.contains_key(&key) && entries.len() >= self.bans.max_tracked {
-            self.prune(&mut entries, now);
-            if entries.len() >= self.bans.max_tracked {
-                warn!(event = "admission.table_full", tracked = entries.len());
-                return Err(Refusal::OverCapacity);
-            }
-        }
-        let entry = entries.entry(key).or_insert_with(|| self.new_entry(now));
-        entry.last_seen = now;
+        let entry = self
+            .entry(&mut entries, key, now)
+            .ok_or(Refusal::OverCapacity)?;
         if Self::banned(entry, now) {
             return Err(Refusal::RateLimited);
         }
@@ -181,13 +195,9 @@ impl AddressGuard {
         let key = address_key(ip);
         let now = Instant::now();
         let mut entries = lock(&self.entries);
-        if !entries.contains_key(&key) && entries.len() >= self.bans.max_tracked {
-            self.prune(&mut entries, now);
-            if entries.len() >= self.bans.max_tracked {
-                return;
-            }
-        }
-        let entry = entries.entry(key).or_insert_with(|| self.new_entry(now));
+        let Some(entry) = self.entry(&mut entries, key, now) else {
+            return;
+        };
         if Self::banned(entry, now) {
             return;
         }
@@ -196,7 +206,6 @@ impl AddressGuard {
             entry.failures = 0;
         }
         entry.failures += 1;
-        entry.last_seen = now;
         if entry.failures >= self.bans.max_failures {
             entry.banned_until = Some(now + Duration::from_secs(self.bans.ban_secs));
             metrics::counter!("securechat_bans_total").increment(1);

@@ -196,6 +196,19 @@ fn forwarded(server: &TestServer, token: &str, client: &str) -> http::Request<()
         .unwrap()
 }
 
+/// Two failed handshakes in the name of `client` (a ban with max_failures 2).
+async fn fail_twice(server: &TestServer, client: &str) {
+    for _ in 0..2 {
+        server
+            .expect_refused(
+                forwarded(server, "bad.token.x", client),
+                401,
+                "invalid_token",
+            )
+            .await;
+    }
+}
+
 #[tokio::test]
 async fn forwarded_for_is_believed_only_from_trusted_proxies() {
     // Trusted: bans fall on the forwarded client, not on the proxy.
@@ -204,15 +217,7 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
         c.server.trusted_proxies = vec!["127.0.0.1".into()];
     })
     .await;
-    for _ in 0..2 {
-        server
-            .expect_refused(
-                forwarded(&server, "bad.token.x", "203.0.113.9"),
-                401,
-                "invalid_token",
-            )
-            .await;
-    }
+    fail_twice(&server, "203.0.113.9").await;
     let good = server.token("alice");
     server
         .expect_refused(
@@ -221,24 +226,12 @@ async fn forwarded_for_is_believed_only_from_trusted_proxies() {
             "rate_limited",
         )
         .await;
-    assert!(
-        server
-            .try_connect(forwarded(&server, &good, "203.0.113.10"))
-            .await
-            .is_ok()
-    );
+    let other = server.try_connect(forwarded(&server, &good, "203.0.113.10"));
+    assert!(other.await.is_ok());
 
     // Untrusted: the header is ignored and the peer itself is banned.
     let server = TestServer::start_with(|c| c.bans.max_failures = 2).await;
-    for _ in 0..2 {
-        server
-            .expect_refused(
-                forwarded(&server, "bad.token.x", "203.0.113.9"),
-                401,
-                "invalid_token",
-            )
-            .await;
-    }
+    fail_twice(&server, "203.0.113.9").await;
     let good = server.token("alice");
     server
         .expect_refused(

@@ -39,9 +39,8 @@ impl Session {
             }
         };
         let reference = frame.client_ref().map(str::to_owned);
-        if matches!(frame, ClientFrame::Ping(_)) {
-            // An application ping keeps the connection alive, not the session.
-        } else {
+        // An application ping keeps the connection alive, not the session.
+        if !matches!(frame, ClientFrame::Ping(_)) {
             self.last_active = Instant::now();
         }
         if self.limiter.check().is_err() || self.user.limiter.check().is_err() {
