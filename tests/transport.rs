@@ -325,3 +325,28 @@ async fn graceful_shutdown_closes_sessions_with_1001() {
         .expect("the server stops once the last session is gone")
         .unwrap();
 }
+
+#[tokio::test]
+async fn shutdown_finishes_within_its_grace_despite_stalled_clients() {
+    let mut server = TestServer::start_with(|c| {
+        c.session.close_timeout_ms = 300;
+        c.server.shutdown_grace_ms = 2_000;
+    })
+    .await;
+    // Clients that never read again: they neither take the close frame nor
+    // answer it.
+    let mut stalled = Vec::new();
+    for i in 0..5 {
+        stalled.push(server.member(&format!("stalled{i}"), "general").await);
+    }
+    let mut sender = server.member("sender", "general").await;
+    for i in 0..20 {
+        sender.say("general", &format!("m{i}"), &"x".repeat(4000)).await;
+    }
+    let task = server.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server stops although its clients are stalled")
+        .unwrap();
+    drop(stalled);
+}
