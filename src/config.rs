@@ -63,9 +63,12 @@ pub struct Config {
     /// The rooms users may join, with their permissions.
     #[serde(default)]
     pub rooms: Vec<RoomConfig>,
-    /// Log format and level.
+    /// Log format and level, audit stream.
     #[serde(default)]
     pub log: LogConfig,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The file this was read from, for error messages; set by [`Config::load`].
     #[serde(skip)]
     pub source: PathBuf,
@@ -422,6 +425,24 @@ fn default_history() -> usize {
     100
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Whether `/metrics` is served at all.
+    pub enabled: bool,
+    /// Where `/metrics` listens: loopback by default, never the public port.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -524,6 +545,15 @@ impl Config {
         }
         self.validate_limits()?;
         self.validate_rooms()?;
+        if self.metrics.enabled
+            && self.metrics.listen.port() != 0
+            && self.metrics.listen == self.server.listen
+        {
+            return Err(self.invalid(
+                "metrics.listen",
+                "must differ from server.listen: metrics stay off the public port",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             self.invalid(
                 "log.level",

@@ -45,6 +45,9 @@ kid = "dev"
 algorithm = "HS256"
 secret_env = "SECURECHAT_DEV_SECRET"
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [security]
 allowed_origins = ["https://localhost:{port}", "https://127.0.0.1:{port}"]
 
@@ -77,6 +80,7 @@ post = ["*"]
             config,
             keys,
             tls: Some(tls),
+            from_files: false,
         },
         minter,
         ca_pem: ca.pem().cert_pem.clone(),

@@ -110,7 +110,11 @@ pub fn refused(state: &AppState, conn: &ConnInfo, client: IpAddr, refusal: Refus
         _ => "",
     };
     let event = match refusal {
-        Refusal::InvalidToken(_) | Refusal::TokenExpired | Refusal::MissingToken => "auth.failed",
+        Refusal::InvalidToken(_) | Refusal::TokenExpired | Refusal::MissingToken => {
+            metrics::counter!("securechat_auth_failures_total", "reason" => refusal.code())
+                .increment(1);
+            "auth.failed"
+        }
         Refusal::OriginNotAllowed => "origin.refused",
         _ => "handshake.refused",
     };
@@ -262,10 +266,14 @@ fn authenticate(req: &Request<Incoming>, state: &AppState) -> Result<(Identity, 
     if !has_origin && !matches!(credential.source, Source::Header | Source::Subprotocol) {
         return Err(Refusal::OriginNotAllowed);
     }
-    let identity = state.keys.verify(&credential.token).map_err(|e| match e {
-        TokenError::Expired => Refusal::TokenExpired,
-        other => Refusal::InvalidToken(other.reason()),
-    })?;
+    let identity = state
+        .keys
+        .load()
+        .verify(&credential.token)
+        .map_err(|e| match e {
+            TokenError::Expired => Refusal::TokenExpired,
+            other => Refusal::InvalidToken(other.reason()),
+        })?;
     Ok((identity, credential.source))
 }
 

@@ -20,8 +20,10 @@
 //! - [`hub`]: rooms and members on this node; [`hub::broker`] (sequence,
 //!   history, fan-out) underneath, with the in-memory [`hub::memory`] broker.
 //! - [`state`]: what all connections share.
+//! - [`reload`]: certificate and key rotation (SIGHUP, file changes).
 //! - [`dev`]: the zero-configuration `serve --dev` setup.
-//! - [`telemetry`]: logging, JSON or text.
+//! - [`telemetry`]: logging, JSON or text; the audit stream.
+//! - [`metrics`]: Prometheus metrics and their listener.
 //!
 //! [`start`] turns a loaded configuration into a bound [`server::Server`];
 //! `Server::run(shutdown)` serves until the shutdown future completes, so
@@ -34,9 +36,11 @@ pub mod config;
 pub mod dev;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod refusal;
+pub mod reload;
 pub mod rooms;
 pub mod server;
 pub mod session;
@@ -68,7 +72,7 @@ pub enum StartError {
         source: KeyError,
         path: std::path::PathBuf,
     },
-    #[error("cannot listen on {addr} (server.listen): {source}")]
+    #[error("cannot listen on {addr} (server.listen or metrics.listen): {source}")]
     Bind {
         addr: std::net::SocketAddr,
         source: std::io::Error,
@@ -81,6 +85,9 @@ pub struct Prepared {
     pub keys: KeyRing,
     /// `None` when `tls.mode = "off"`.
     pub tls: Option<TlsSetup>,
+    /// Whether certificates and keys come from the files the configuration
+    /// names, and can be reloaded from them (not so with `--dev`).
+    pub from_files: bool,
 }
 
 impl Prepared {
@@ -98,19 +105,30 @@ impl Prepared {
             })?),
             TlsMode::Off => None,
         };
-        Ok(Self { config, keys, tls })
+        Ok(Self {
+            config,
+            keys,
+            tls,
+            from_files: true,
+        })
     }
 }
 
 /// Installs aws-lc-rs for rustls and jsonwebtoken (idempotent).
 pub fn install_crypto_providers() {
+    metrics::install();
     tls::install_default_provider();
     auth::jwt::install_crypto_provider();
 }
 
 /// Binds the listener and builds the shared state.
 pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
-    let Prepared { config, keys, tls } = prepared;
+    let Prepared {
+        config,
+        keys,
+        tls,
+        from_files,
+    } = prepared;
     let addr = config.server.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -128,6 +146,31 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
         config.limits.outbound_queue_messages,
         config.limits.max_members_per_room,
     );
-    let state = Arc::new(AppState::new(Arc::new(config), Arc::new(keys), hub));
-    Ok(server::Server::new(listener, state, tls.map(|t| t.config)))
+    let metrics_listener = if config.metrics.enabled {
+        let addr = config.metrics.listen;
+        Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?,
+        )
+    } else {
+        None
+    };
+    if let Some(tls) = &tls {
+        ::metrics::gauge!("securechat_certificate_expiry_timestamp_seconds")
+            .set(tls.leaf.not_after as f64);
+    }
+    let state = Arc::new(AppState::new(Arc::new(config), keys, hub));
+    let (tls_config, certs) = match tls {
+        Some(setup) => (Some(setup.config), Some(setup.store)),
+        None => (None, None),
+    };
+    let reloader = Arc::new(reload::Reloader::new(state.clone(), certs, from_files));
+    Ok(server::Server::new(
+        listener,
+        metrics_listener,
+        state,
+        tls_config,
+        reloader,
+    ))
 }

@@ -168,6 +168,24 @@ async fn shutdown_signal() {
     }
 }
 
+/// Reloads certificates and keys on every SIGHUP.
+fn reload_on_sighup(reloader: std::sync::Arc<securechat::reload::Reloader>) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!(event = "reload.no_sighup", "cannot listen for SIGHUP");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!(event = "reload.requested", source = "SIGHUP");
+            reloader.reload();
+        }
+    });
+    #[cfg(not(unix))]
+    let _ = reloader;
+}
+
 fn serve(args: ServeArgs) -> Result<(), String> {
     let rt = runtime()?;
     if args.dev {
@@ -190,7 +208,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| e.to_string())?;
         let addr = server.local_addr().map_err(|e| e.to_string())?;
-        tracing::info!(event = "server.listening", addr = %addr, "listening");
+        tracing::info!(
+            event = "server.listening",
+            addr = %addr,
+            metrics = ?server.metrics_addr(),
+            "listening"
+        );
+        reload_on_sighup(server.reloader());
         server.run(shutdown_signal()).await;
         Ok(())
     })
@@ -231,6 +255,9 @@ async fn serve_dev(listen: SocketAddr) -> Result<(), String> {
     println!("securechat dev server (not for production)");
     println!("  websocket: wss://{host}:{}{ws_path}", addr.port());
     println!("  trust:     {} (the in-memory dev CA)", ca_path.display());
+    if let Some(metrics) = server.metrics_addr() {
+        println!("  metrics:   http://{metrics}/metrics");
+    }
     println!(
         "  more:      securechat token --secret-file {} --sub bob --name Bob",
         secret_path.display()

@@ -19,6 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::http::{self, ConnHold, ConnInfo};
 use crate::refusal::Refusal;
+use crate::reload::Reloader;
 use crate::state::AppState;
 
 /// Connections over the cap that still get a proper 503 answer at once; past
@@ -30,26 +31,34 @@ const REFUSAL_DEADLINE: Duration = Duration::from_secs(3);
 /// A bound listener with everything needed to serve.
 pub struct Server {
     listener: TcpListener,
+    /// The `/metrics` listener, when enabled.
+    metrics: Option<TcpListener>,
     state: Arc<AppState>,
     tls: Option<TlsAcceptor>,
     /// One permit per open connection, up to `limits.max_connections`.
     connections: Arc<Semaphore>,
     /// Permits for answering connections over the cap.
     refusals: Arc<Semaphore>,
+    /// Certificate and key rotation.
+    reloader: Arc<Reloader>,
 }
 
 impl Server {
     pub fn new(
         listener: TcpListener,
+        metrics: Option<TcpListener>,
         state: Arc<AppState>,
         tls: Option<Arc<rustls::ServerConfig>>,
+        reloader: Arc<Reloader>,
     ) -> Self {
         let max = state.config.limits.max_connections;
         Self {
             listener,
+            metrics,
             tls: tls.map(TlsAcceptor::from),
             connections: Arc::new(Semaphore::new(max)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
+            reloader,
             state,
         }
     }
@@ -57,6 +66,16 @@ impl Server {
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// The address `/metrics` is served on, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Reloads certificates and keys (for SIGHUP).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
     }
 
     /// The shared state, for tests and embedding.
@@ -67,8 +86,16 @@ impl Server {
     /// Serves until `shutdown` completes, then drains: `/readyz` turns 503,
     /// every session is closed with 1001, and the tasks get
     /// `server.shutdown_grace_ms` to finish.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        crate::metrics::record_static(&self.state);
+        let _watch = self.reloader.watch();
+        if let (Some(listener), Some(handle)) = (self.metrics.take(), crate::metrics::install()) {
+            let state = self.state.clone();
+            self.state
+                .tasks
+                .spawn(crate::metrics::serve(listener, state, handle));
+        }
         let mut backoff = Duration::from_millis(10);
         loop {
             tokio::select! {

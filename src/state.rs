@@ -18,8 +18,8 @@ use crate::rooms::Rooms;
 pub struct AppState {
     /// The validated configuration.
     pub config: Arc<Config>,
-    /// Token verification keys.
-    pub keys: Arc<KeyRing>,
+    /// Token verification keys, swapped whole on reload.
+    pub keys: arc_swap::ArcSwap<KeyRing>,
     /// The Origin allow-list.
     pub origins: AllowedOrigins,
     /// Room rules.
@@ -44,7 +44,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Arc<Config>, keys: Arc<KeyRing>, hub: Arc<Hub>) -> Self {
+    pub fn new(config: Arc<Config>, keys: KeyRing, hub: Arc<Hub>) -> Self {
         let limits = &config.limits;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(limits.read_buffer_bytes)
@@ -56,7 +56,7 @@ impl AppState {
         Self {
             origins: AllowedOrigins::new(&config.security.allowed_origins).unwrap_or_default(),
             rooms: Rooms::new(&config.rooms, &config.dm),
-            keys,
+            keys: arc_swap::ArcSwap::from_pointee(keys),
             hub,
             draining: AtomicBool::new(false),
             shutdown: CancellationToken::new(),

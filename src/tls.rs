@@ -1,13 +1,18 @@
 //! rustls server configuration with the aws-lc-rs provider: TLS 1.2 and 1.3
 //! only, ALPN `h2` and `http/1.1`, optional or required client certificates.
 //! PEM files are read with rustls-pki-types' `PemObject`.
+//!
+//! The serving certificate lives in a [`CertStore`] that the configuration
+//! resolves through, so a reload swaps it for new handshakes while open
+//! connections keep the one they negotiated.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -58,10 +63,57 @@ impl CertInfo {
 pub struct TlsSetup {
     pub config: Arc<ServerConfig>,
     pub leaf: CertInfo,
+    /// The swappable serving certificate.
+    pub store: Arc<CertStore>,
+}
+
+/// The serving certificate and key, swapped whole on reload.
+#[derive(Debug)]
+pub struct CertStore {
+    current: arc_swap::ArcSwap<CertifiedKey>,
+}
+
+impl CertStore {
+    fn new(key: CertifiedKey) -> Self {
+        Self {
+            current: arc_swap::ArcSwap::from_pointee(key),
+        }
+    }
+
+    /// Reads `tls.cert` and `tls.key` again and serves them from the next
+    /// handshake on. On any error the current certificate stays.
+    pub fn reload(&self, tls: &TlsConfig) -> Result<CertInfo, TlsError> {
+        let (key, info) = load_certified(tls)?;
+        self.current.store(Arc::new(key));
+        Ok(info)
+    }
+
+    /// The certificate served now.
+    pub fn current_info(&self) -> Option<CertInfo> {
+        cert_info(self.current.load().cert.first()?).ok()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
 }
 
 /// Reads the files named in `[tls]` and builds the server configuration.
 pub fn load(tls: &TlsConfig) -> Result<TlsSetup, TlsError> {
+    let (key, leaf) = load_certified(tls)?;
+    let client_roots = match (&tls.client_auth, &tls.client_ca) {
+        (ClientAuth::Off, _) => None,
+        (_, Some(path)) => Some(read_chain(path, "client_ca")?),
+        (_, None) => return Err(err("client_ca", "missing while client_auth is on")),
+    };
+    build(key, leaf, tls.client_auth, client_roots)
+}
+
+/// Reads the certificate chain and key and checks that they belong together
+/// and that the certificate has not expired.
+fn load_certified(tls: &TlsConfig) -> Result<(CertifiedKey, CertInfo), TlsError> {
     let cert_path = tls.cert.as_deref().ok_or_else(|| err("cert", "missing"))?;
     let key_path = tls.key.as_deref().ok_or_else(|| err("key", "missing"))?;
     let chain = read_chain(cert_path, "cert")?;
@@ -74,12 +126,28 @@ pub fn load(tls: &TlsConfig) -> Result<TlsSetup, TlsError> {
             ),
         )
     })?;
-    let client_roots = match (&tls.client_auth, &tls.client_ca) {
-        (ClientAuth::Off, _) => None,
-        (_, Some(path)) => Some(read_chain(path, "client_ca")?),
-        (_, None) => return Err(err("client_ca", "missing while client_auth is on")),
-    };
-    build(chain, key, tls.client_auth, client_roots)
+    certified(chain, key)
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(CertifiedKey, CertInfo), TlsError> {
+    let leaf = cert_info(chain.first().ok_or_else(|| err("cert", "empty chain"))?)
+        .map_err(|m| err("cert", m))?;
+    if leaf.not_after < crate::auth::jwt::now_unix() {
+        return Err(err(
+            "cert",
+            format!("the certificate {} has expired; renew it", leaf.subject),
+        ));
+    }
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| {
+        err(
+            "key",
+            format!("the key does not fit the certificate chain in tls.cert: {e}"),
+        )
+    })?;
+    Ok((key, leaf))
 }
 
 /// Builds a configuration from PEM text (for `--dev` and tests).
@@ -101,7 +169,8 @@ pub fn from_pem(
                 .map_err(|e| err("client_ca", e.to_string()))
         })
         .transpose()?;
-    build(chain, key, client_auth, roots)
+    let (key, leaf) = certified(chain, key)?;
+    build(key, leaf, client_auth, roots)
 }
 
 fn read_chain(path: &Path, key: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -118,19 +187,11 @@ fn read_chain(path: &Path, key: &'static str) -> Result<Vec<CertificateDer<'stat
 }
 
 fn build(
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    key: CertifiedKey,
+    leaf: CertInfo,
     client_auth: ClientAuth,
     client_roots: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<TlsSetup, TlsError> {
-    let leaf = cert_info(chain.first().ok_or_else(|| err("cert", "empty chain"))?)
-        .map_err(|m| err("cert", m))?;
-    if leaf.not_after < crate::auth::jwt::now_unix() {
-        return Err(err(
-            "cert",
-            format!("the certificate {} has expired; renew it", leaf.subject),
-        ));
-    }
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -157,16 +218,13 @@ fn build(
         }
         (_, None) => return Err(err("client_ca", "missing while client_auth is on")),
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        err(
-            "key",
-            format!("the key does not fit the certificate chain in tls.cert: {e}"),
-        )
-    })?;
+    let store = Arc::new(CertStore::new(key));
+    let mut config = builder.with_cert_resolver(store.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsSetup {
         config: Arc::new(config),
         leaf,
+        store,
     })
 }
 

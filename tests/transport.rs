@@ -341,7 +341,9 @@ async fn shutdown_finishes_within_its_grace_despite_stalled_clients() {
     }
     let mut sender = server.member("sender", "general").await;
     for i in 0..20 {
-        sender.say("general", &format!("m{i}"), &"x".repeat(4000)).await;
+        sender
+            .say("general", &format!("m{i}"), &"x".repeat(4000))
+            .await;
     }
     let task = server.begin_shutdown();
     tokio::time::timeout(Duration::from_secs(10), task)

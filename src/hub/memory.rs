@@ -97,6 +97,7 @@ impl Broker for MemoryBroker {
         history_len: usize,
         draft: Draft,
     ) -> Result<u64, BrokerError> {
+        let accepted = std::time::Instant::now();
         let log = self.log(room)?;
         let mut log = lock(&log);
         let seq = log.latest + 1;
@@ -131,6 +132,7 @@ impl Broker for MemoryBroker {
         // Delivered under the room's lock: the next publish waits, so every
         // member's queue receives this room's messages in seq order.
         self.deliver(room, &RoomEvent::Message { seq, frame });
+        metrics::histogram!("securechat_fanout_seconds").record(accepted.elapsed().as_secs_f64());
         Ok(seq)
     }
 

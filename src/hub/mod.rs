@@ -121,6 +121,14 @@ impl Hub {
         read(&self.rooms).len()
     }
 
+    /// Room memberships on this node.
+    pub fn member_count(&self) -> usize {
+        read(&self.rooms)
+            .values()
+            .map(|room| lock(&room.members).len())
+            .sum()
+    }
+
     /// Adds a member to `room`, replaying what it missed after `since`. The
     /// `joined` frame and the replay are queued on the member's outbox.
     pub async fn join(

@@ -44,6 +44,7 @@ impl Session {
             self.last_active = Instant::now();
         }
         if self.limiter.check().is_err() || self.user.limiter.check().is_err() {
+            metrics::counter!("securechat_rate_limited_total").increment(1);
             self.refuse(
                 FrameError::new(ErrorCode::RateLimited, "slow down: message rate exceeded")
                     .with_ref(reference.as_deref()),
@@ -254,7 +255,7 @@ impl Session {
     }
 
     fn refresh(&mut self, refresh: Refresh) -> Result<(), FrameError> {
-        let identity = self.state.keys.verify(&refresh.token).map_err(|e| {
+        let identity = self.state.keys.load().verify(&refresh.token).map_err(|e| {
             let message = match e {
                 TokenError::TooLarge => {
                     return FrameError::new(ErrorCode::TooLarge, "the token is too large");

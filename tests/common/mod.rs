@@ -56,6 +56,9 @@ public_key_file = "es.pub.pem"
 [security]
 allowed_origins = ["https://chat.test", "https://*.apps.test"]
 
+[metrics]
+listen = "127.0.0.1:0"
+
 [limits]
 # Many handshakes and failures come from 127.0.0.1 in one test; the tests of
 # these limits set their own.
@@ -136,6 +139,8 @@ pub struct TestServer {
     pub pki: Arc<Pki>,
     pub secret: Secret,
     pub state: Arc<securechat::state::AppState>,
+    pub metrics_addr: Option<SocketAddr>,
+    pub reloader: Arc<securechat::reload::Reloader>,
     pub dir: tempfile::TempDir,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     pub handle: Option<tokio::task::JoinHandle<()>>,
@@ -175,6 +180,8 @@ impl TestServer {
         let server = securechat::start(prepared).await.expect("server binds");
         let addr = server.local_addr().unwrap();
         let state = server.state();
+        let metrics_addr = server.metrics_addr();
+        let reloader = server.reloader();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(server.run(async {
             let _ = rx.await;
@@ -184,6 +191,8 @@ impl TestServer {
             pki,
             secret,
             state,
+            metrics_addr,
+            reloader,
             dir,
             shutdown: Some(tx),
             handle: Some(handle),

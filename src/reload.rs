@@ -1,0 +1,168 @@
+//! Rotation without downtime: the certificate chain, its key and the token
+//! verification keys are read again on SIGHUP and when their files change.
+//! Renewal tools replace files by rename or symlink swap, so the folders
+//! holding them are watched, not the files. A reload that fails keeps what
+//! is being served and logs why.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+use crate::auth::jwt::KeyRing;
+use crate::state::AppState;
+use crate::tls::CertStore;
+
+/// How long file events are gathered before one reload.
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Reloads certificates and keys into a running server.
+pub struct Reloader {
+    state: Arc<AppState>,
+    /// The serving certificate, when it comes from files.
+    certs: Option<Arc<CertStore>>,
+    /// Whether the key files named in the configuration exist (not `--dev`).
+    from_files: bool,
+}
+
+/// What one reload did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    pub tls_ok: bool,
+    pub keys_ok: bool,
+}
+
+/// Keeps the file watcher alive; dropping it stops watching.
+pub struct WatchGuard {
+    _watcher: notify::RecommendedWatcher,
+}
+
+impl Reloader {
+    pub fn new(state: Arc<AppState>, certs: Option<Arc<CertStore>>, from_files: bool) -> Self {
+        Self {
+            state,
+            certs,
+            from_files,
+        }
+    }
+
+    /// Reads the certificate, its key and the token keys again.
+    pub fn reload(&self) -> ReloadOutcome {
+        let config = &self.state.config;
+        let tls_ok = match (&self.certs, self.from_files) {
+            (Some(store), true) => match store.reload(&config.tls) {
+                Ok(info) => {
+                    metrics::counter!("securechat_tls_reloads_total", "result" => "ok")
+                        .increment(1);
+                    metrics::gauge!("securechat_certificate_expiry_timestamp_seconds")
+                        .set(info.not_after as f64);
+                    info!(
+                        target: "securechat::audit",
+                        event = "tls.reloaded",
+                        subject = %info.subject,
+                        serial = %info.serial,
+                        days_left = info.days_left(),
+                        "serving a reloaded certificate"
+                    );
+                    true
+                }
+                Err(e) => {
+                    metrics::counter!("securechat_tls_reloads_total", "result" => "error")
+                        .increment(1);
+                    error!(
+                        event = "tls.reload_failed",
+                        error = %e,
+                        "certificate reload failed; still serving the previous certificate"
+                    );
+                    false
+                }
+            },
+            _ => true,
+        };
+        let keys_ok = if self.from_files {
+            match KeyRing::load(&config.auth) {
+                Ok(keys) => {
+                    self.state.keys.store(Arc::new(keys));
+                    info!(target: "securechat::audit", event = "keys.reloaded", kids = ?config.auth.keys.iter().map(|k| &k.kid).collect::<Vec<_>>());
+                    true
+                }
+                Err(e) => {
+                    error!(event = "keys.reload_failed", error = %e, "token key reload failed; the previous keys stay");
+                    false
+                }
+            }
+        } else {
+            true
+        };
+        ReloadOutcome { tls_ok, keys_ok }
+    }
+
+    /// The folders that hold the certificate, its key and the key files.
+    fn watched_folders(&self) -> BTreeSet<PathBuf> {
+        let config = &self.state.config;
+        let files = [&config.tls.cert, &config.tls.key]
+            .into_iter()
+            .chain(
+                config
+                    .auth
+                    .keys
+                    .iter()
+                    .flat_map(|k| [&k.secret_file, &k.public_key_file]),
+            )
+            .flatten();
+        files
+            .filter_map(|file| {
+                let parent = file.parent()?;
+                Some(if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                })
+            })
+            .collect()
+    }
+
+    /// Starts watching the files; every burst of changes triggers one reload.
+    pub fn watch(self: &Arc<Self>) -> Option<WatchGuard> {
+        if !self.from_files {
+            return None;
+        }
+        let (tx, mut rx) = mpsc::channel::<()>(16);
+        let handler = move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|e| !e.kind.is_access()) {
+                // A full channel already holds a pending reload.
+                let _ = tx.try_send(());
+            }
+        };
+        let mut watcher = match notify::recommended_watcher(handler) {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                warn!(event = "reload.watch_failed", error = %e, "cannot watch certificate files; reload with SIGHUP");
+                return None;
+            }
+        };
+        for folder in self.watched_folders() {
+            if let Err(e) = watcher.watch(&folder, RecursiveMode::NonRecursive) {
+                warn!(event = "reload.watch_failed", folder = %folder.display(), error = %e);
+            }
+        }
+        let reloader = self.clone();
+        let shutdown = self.state.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    event = rx.recv() => if event.is_none() { return },
+                }
+                tokio::time::sleep(SETTLE).await;
+                while rx.try_recv().is_ok() {}
+                reloader.reload();
+            }
+        });
+        Some(WatchGuard { _watcher: watcher })
+    }
+}
