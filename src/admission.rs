@@ -210,6 +210,7 @@ impl AddressGuard {
             entry.banned_until = Some(now + Duration::from_secs(self.bans.ban_secs));
             metrics::counter!("securechat_bans_total").increment(1);
             info!(
+                target: crate::telemetry::AUDIT_TARGET,
                 event = "ban.added",
                 address = %key,
                 reason,

@@ -459,6 +459,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing filter such as `info` or `securechat=debug,info`.
     pub level: String,
+    /// Also write the audit stream (moderation and security actions) as
+    /// JSON lines to this file, created with mode 0600.
+    pub audit_file: Option<PathBuf>,
 }
 
 impl Default for LogConfig {
@@ -466,6 +469,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Auto,
             level: "info".into(),
+            audit_file: None,
         }
     }
 }
@@ -518,6 +522,7 @@ impl Config {
         fix(&mut self.tls.cert);
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
+        fix(&mut self.log.audit_file);
         for key in &mut self.auth.keys {
             fix(&mut key.secret_file);
             fix(&mut key.public_key_file);
@@ -715,6 +720,36 @@ impl Config {
             bounds::MAX_CONNECTIONS,
         )?;
         check(
+            "max_connections_per_ip",
+            l.max_connections_per_ip,
+            1,
+            bounds::MAX_CONNECTIONS,
+        )?;
+        check(
+            "handshake_rate_per_ip",
+            l.handshake_rate_per_ip as usize,
+            1,
+            100_000,
+        )?;
+        check(
+            "handshake_burst_per_ip",
+            l.handshake_burst_per_ip as usize,
+            1,
+            100_000,
+        )?;
+        check(
+            "max_connections_per_user",
+            l.max_connections_per_user,
+            1,
+            bounds::MAX_CONNECTIONS,
+        )?;
+        check(
+            "max_members_per_room",
+            l.max_members_per_room,
+            1,
+            bounds::MAX_CONNECTIONS,
+        )?;
+        check(
             "max_message_bytes",
             l.max_message_bytes,
             256,
@@ -873,6 +908,64 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Settings that are valid but deserve an operator's second look.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        let mut warn = |key: &str, text: &str| warnings.push(format!("{key}: {text}"));
+        if self.tls.mode == TlsMode::Off {
+            warn(
+                "tls.mode",
+                "TLS is off: only safe behind a proxy that terminates TLS",
+            );
+        }
+        if self.auth.allow_query_token {
+            warn(
+                "auth.allow_query_token",
+                "tokens in URLs end up in proxy and access logs",
+            );
+        }
+        if self.security.allowed_origins.is_empty() {
+            warn(
+                "security.allowed_origins",
+                "empty: every browser connection is refused; only non-browser clients can connect",
+            );
+        }
+        if !self.bans.enabled {
+            warn(
+                "bans.enabled",
+                "off: addresses that keep failing handshakes are never banned",
+            );
+        }
+        if self.metrics.enabled && !self.metrics.listen.ip().is_loopback() {
+            warn(
+                "metrics.listen",
+                "not a loopback address: firewall it, metrics describe your traffic",
+            );
+        }
+        if self.auth.leeway_secs > 60 {
+            warn(
+                "auth.leeway_secs",
+                "over 60 s keeps expired tokens usable for long",
+            );
+        }
+        if self.rooms.is_empty() && !self.dm.enabled {
+            warn("rooms", "no [[rooms]] and dm off: nobody can join any room");
+        }
+        if self
+            .server
+            .trusted_proxies
+            .iter()
+            .filter_map(|n| parse_net(n).ok())
+            .any(|n| n.prefix_len() == 0)
+        {
+            warn(
+                "server.trusted_proxies",
+                "trusts every address: any client can choose its X-Forwarded-For address",
+            );
+        }
+        warnings
     }
 
     /// Durations, as [`Duration`]s.

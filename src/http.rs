@@ -83,6 +83,11 @@ pub async fn handle(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &serde_json::json!({ "status": "draining" }),
             )
+        } else if !state.hub.broker().is_ready() {
+            json_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({ "status": "broker_unavailable" }),
+            )
         } else {
             json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
         }

@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML schema, defaults, `validate()`, the `Secret` type.
 //! - [`tls`]: rustls server configuration (aws-lc-rs), client certificates.
 //! - [`certs`]: development certificates (`gen-cert`, `serve --dev`).
+//! - [`check`]: what `securechat check` reports.
 //! - [`server`]: accept loop, connection cap, handshake deadline, shutdown.
 //! - [`admission`]: per-address caps, handshake rates, bans; per-user caps.
 //! - [`proxy`]: the PROXY protocol header from trusted TCP proxies.
@@ -32,6 +33,7 @@
 pub mod admission;
 pub mod auth;
 pub mod certs;
+pub mod check;
 pub mod config;
 pub mod dev;
 pub mod http;

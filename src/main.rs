@@ -193,7 +193,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     }
     let path = args.config.ok_or("--config FILE or --dev is required")?;
     let config = Config::load(&path).map_err(|e| e.to_string())?;
-    securechat::telemetry::init(&config.log);
+    securechat::telemetry::init(&config.log)?;
     let prepared = securechat::Prepared::load(config).map_err(|e| e.to_string())?;
     if let Some(tls) = &prepared.tls {
         tracing::info!(
@@ -222,7 +222,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
 
 async fn serve_dev(listen: SocketAddr) -> Result<(), String> {
     let dev = securechat::dev::setup(listen)?;
-    securechat::telemetry::init(&dev.prepared.config.log);
+    securechat::telemetry::init(&dev.prepared.config.log)?;
     let ws_path = dev.prepared.config.server.ws_path.clone();
     let dir = std::env::temp_dir().join(format!("securechat-dev-{}", listen.port()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -356,31 +356,26 @@ fn gen_cert(args: GenCertArgs) -> Result<(), String> {
 }
 
 fn check(args: CheckArgs) -> Result<(), String> {
-    let config = Config::load(&args.config).map_err(|e| e.to_string())?;
-    println!("config {}: valid", display(&args.config));
-    let prepared = securechat::Prepared::load(config).map_err(|e| e.to_string())?;
-    println!(
-        "auth: {} verification key(s) loaded",
-        prepared.config.auth.keys.len()
-    );
-    match &prepared.tls {
-        Some(tls) => {
-            let days = tls.leaf.days_left();
-            println!(
-                "tls: certificate {} (serial {}) expires {} ({days} days left)",
-                tls.leaf.subject,
-                tls.leaf.serial,
-                securechat::protocol::rfc3339(tls.leaf.not_after)
-            );
-            if days < 14 {
-                println!("warning: the certificate expires in under 14 days; renew it");
-            }
-        }
-        None => println!("tls: off (a proxy in front must terminate TLS)"),
+    let report = securechat::check::check(&args.config);
+    for line in &report.info {
+        println!("{line}");
     }
-    println!("rooms: {} configured", prepared.config.rooms.len());
-    println!("ok");
-    Ok(())
+    for warning in &report.warnings {
+        println!("warning: {warning}");
+    }
+    for error in &report.errors {
+        eprintln!("error: {error}");
+    }
+    if report.is_ok() {
+        println!("ok");
+        Ok(())
+    } else {
+        Err(format!(
+            "{} problem(s) in {}",
+            report.errors.len(),
+            display(&args.config)
+        ))
+    }
 }
 
 fn display(path: &Path) -> String {

@@ -74,7 +74,9 @@ impl Refusal {
             Self::TokenExpired => "the token has expired",
             Self::OriginNotAllowed => "this origin may not open a connection",
             Self::Forbidden(text) => text,
-            Self::TooManyConnections => "too many connections from this address",
+            Self::TooManyConnections => {
+                "too many open connections from this address or for this user"
+            }
             Self::RateLimited => "too many attempts: try again later",
             Self::OverCapacity => "the server is at capacity: try again later",
             Self::ShuttingDown => "the server is shutting down: reconnect",

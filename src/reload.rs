@@ -61,7 +61,7 @@ impl Reloader {
                     metrics::gauge!("securechat_certificate_expiry_timestamp_seconds")
                         .set(info.not_after as f64);
                     info!(
-                        target: "securechat::audit",
+                        target: crate::telemetry::AUDIT_TARGET,
                         event = "tls.reloaded",
                         subject = %info.subject,
                         serial = %info.serial,
@@ -87,7 +87,7 @@ impl Reloader {
             match KeyRing::load(&config.auth) {
                 Ok(keys) => {
                     self.state.keys.store(Arc::new(keys));
-                    info!(target: "securechat::audit", event = "keys.reloaded", kids = ?config.auth.keys.iter().map(|k| &k.kid).collect::<Vec<_>>());
+                    info!(target: crate::telemetry::AUDIT_TARGET, event = "keys.reloaded", kids = ?config.auth.keys.iter().map(|k| &k.kid).collect::<Vec<_>>());
                     true
                 }
                 Err(e) => {

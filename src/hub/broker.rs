@@ -64,6 +64,10 @@ pub trait EventSink: Send + Sync {
 pub trait Broker: Send + Sync + 'static {
     /// Tells the broker where to deliver events. Called once, by the hub.
     fn attach(&self, sink: Weak<dyn EventSink>);
+    /// Whether the broker can serve now; `/readyz` answers 503 when not.
+    fn is_ready(&self) -> bool {
+        true
+    }
     /// Starts delivering events of `room` to this node.
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError>;
     /// Stops delivering events of `room` to this node.

@@ -222,7 +222,7 @@ impl Session {
             .map_err(internal)?;
         match outcome {
             DeleteOutcome::Deleted => {
-                info!(target: "securechat::audit", event = "audit.delete", room = %delete.room, seq = delete.seq, by = %self.identity.sub);
+                info!(target: crate::telemetry::AUDIT_TARGET, event = "audit.delete", room = %delete.room, seq = delete.seq, by = %self.identity.sub);
                 Ok(())
             }
             DeleteOutcome::NotFound => Err(FrameError::new(
@@ -250,7 +250,7 @@ impl Session {
             .kick(&kick.room, &kick.user)
             .await
             .map_err(internal)?;
-        info!(target: "securechat::audit", event = "audit.kick", room = %kick.room, user = %kick.user, by = %self.identity.sub);
+        info!(target: crate::telemetry::AUDIT_TARGET, event = "audit.kick", room = %kick.room, user = %kick.user, by = %self.identity.sub);
         Ok(())
     }
 
@@ -289,7 +289,7 @@ impl Session {
         }
         self.identity = identity;
         self.expiry_warned = false;
-        info!(target: "securechat::audit", event = "audit.token_refreshed", expires_at = self.identity.expires_at);
+        info!(target: crate::telemetry::AUDIT_TARGET, event = "audit.token_refreshed", expires_at = self.identity.expires_at);
         self.reply(ServerFrame::Refreshed {
             expires_at: crate::protocol::rfc3339(self.identity.expires_at),
         });

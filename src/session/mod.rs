@@ -354,11 +354,10 @@ impl Session {
         &mut self,
         frame: Option<Result<Message, tungstenite::Error>>,
     ) -> Option<Disconnect> {
-        if let Some(Ok(message)) = &frame {
+        // Anything counts as a sign of life; only application frames other
+        // than `ping` count as activity (see `on_text`).
+        if let Some(Ok(_)) = &frame {
             self.last_received = Instant::now();
-            if !matches!(message, Message::Ping(_) | Message::Pong(_)) {
-                self.last_active = self.last_received;
-            }
         }
         match frame {
             None => Some(Disconnect::Normal),
