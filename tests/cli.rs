@@ -269,3 +269,231 @@ async fn dev_mode_serves_with_the_printed_token_and_stops_on_sigterm() {
         .unwrap();
     assert!(exit.success(), "{exit:?}");
 }
+
+#[cfg(unix)]
+#[test]
+fn check_reports_exposed_keys_mismatched_keys_and_warnings() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = deployment();
+    let env = [("SECURECHAT_JWT_SECRET", SECRET)];
+    let key = dir.path().join("certs/server.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &env,
+    );
+    assert!(
+        !ok && out.contains("chmod 600") && out.contains("tls.key"),
+        "{out}"
+    );
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // The client's key beside the server's certificate.
+    std::fs::copy(dir.path().join("certs/client.key"), &key).unwrap();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &env,
+    );
+    assert!(!ok && out.contains("does not fit"), "{out}");
+
+    let (ok, out) = run(&["gen-cert", "--out", "certs", "--force"], dir.path(), &[]);
+    assert!(ok, "{out}");
+    let config = dir.path().join("config/securechat.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("allow_query_token = false", "allow_query_token = true"),
+    )
+    .unwrap();
+    let (ok, out) = run(
+        &["check", "--config", "config/securechat.toml"],
+        dir.path(),
+        &env,
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("warning: auth.allow_query_token"), "{out}");
+}
+
+/// A full session against the real binary: its logs never contain the token,
+/// the message text or the secret; the audit file records the moderation and
+/// security actions.
+#[cfg(unix)]
+#[tokio::test]
+async fn logs_and_audit_of_a_full_session_hold_no_secrets() {
+    use futures_util::{SinkExt, StreamExt};
+    use std::os::unix::fs::PermissionsExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = deployment();
+    let config = dir.path().join("config/run.toml");
+    std::fs::write(
+        &config,
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[metrics]
+listen = "127.0.0.1:0"
+[tls]
+cert = "../certs/server.crt"
+key = "../certs/server.key"
+[auth]
+[[auth.keys]]
+kid = "main"
+algorithm = "HS256"
+secret_env = "SECURECHAT_JWT_SECRET"
+[security]
+allowed_origins = ["https://chat.test"]
+[[rooms]]
+name = "general"
+[log]
+format = "json"
+level = "debug"
+audit_file = "../audit.log"
+"#,
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", "config/run.toml"])
+        .current_dir(dir.path())
+        .env("SECURECHAT_JWT_SECRET", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            all.push(line);
+        }
+        all
+    });
+    let addr = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a listening line");
+        if line.contains("server.listening") {
+            let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break value["addr"].as_str().unwrap().to_string();
+        }
+    };
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let mint = |sub: &str| {
+        let (ok, out) = run(
+            &[
+                "token",
+                "--config",
+                "config/run.toml",
+                "--sub",
+                sub,
+                "--ttl",
+                "10m",
+            ],
+            dir.path(),
+            &[("SECURECHAT_JWT_SECRET", SECRET)],
+        );
+        assert!(ok, "{out}");
+        out.trim().to_string()
+    };
+    let token = mint("alice");
+    let refresh = mint("alice");
+    let ca = std::fs::read_to_string(dir.path().join("certs/ca.crt")).unwrap();
+    let tls_config = common::client_tls_config(&ca, &[b"http/1.1"], None);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let req = http::Request::builder()
+        .uri(format!("wss://localhost:{port}/ws"))
+        .header("Host", format!("localhost:{port}"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header(
+            "Sec-WebSocket-Protocol",
+            format!("securechat.v1, securechat.bearer.{token}"),
+        )
+        .header("Origin", "https://chat.test")
+        .body(())
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let canary = "CANARY-message-text-7f3a";
+    for frame in [
+        serde_json::json!({"type": "join", "room": "general"}),
+        serde_json::json!({"type": "send", "room": "general", "id": "c1", "body": canary}),
+        serde_json::json!({"type": "delete", "room": "general", "seq": 1}),
+        serde_json::json!({"type": "refresh", "token": refresh}),
+    ] {
+        ws.send(Message::Text(frame.to_string().into()))
+            .await
+            .unwrap();
+    }
+    let mut refreshed = false;
+    while !refreshed {
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap();
+        let text = next.unwrap().unwrap().into_text().unwrap();
+        refreshed = text.contains("\"refreshed\"");
+    }
+    ws.close(None).await.unwrap();
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    let logs = reader.join().unwrap().join("\n");
+
+    for event in [
+        "conn.open",
+        "conn.close",
+        "audit.delete",
+        "audit.token_refreshed",
+    ] {
+        assert!(
+            logs.contains(event),
+            "{event} missing from the logs:\n{logs}"
+        );
+    }
+    for secret in [token.as_str(), refresh.as_str(), canary, SECRET] {
+        assert!(
+            !logs.contains(secret),
+            "a secret or a message body reached the logs"
+        );
+    }
+    let audit_path = dir.path().join("audit.log");
+    let audit = std::fs::read_to_string(&audit_path).unwrap();
+    assert!(
+        audit.contains("audit.delete") && audit.contains("audit.token_refreshed"),
+        "{audit}"
+    );
+    assert!(
+        !audit.contains("conn.open"),
+        "only audit events go to the audit file"
+    );
+    for secret in [token.as_str(), refresh.as_str(), canary] {
+        assert!(!audit.contains(secret));
+    }
+    let mode = std::fs::metadata(&audit_path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

@@ -106,6 +106,8 @@ pub struct Pki {
     pub es_public: String,
     /// A client certificate from a CA the server does not trust.
     pub stranger: PemPair,
+    /// The CA itself, to issue more certificates.
+    pub authority: DevCa,
 }
 
 impl Pki {
@@ -129,6 +131,7 @@ impl Pki {
             es_private: es.serialize_pem(),
             es_public: es.public_key_pem(),
             stranger,
+            authority: ca,
         }
     }
 }
@@ -519,6 +522,13 @@ fn capitalize(s: &str) -> String {
         Some(first) => first.to_uppercase().chain(chars).collect(),
         None => String::new(),
     }
+}
+
+/// The serial number of the certificate the server presents now.
+pub async fn served_serial(server: &TestServer) -> String {
+    let tls = server.tls(&[b"http/1.1"], None).await;
+    let cert = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    securechat::tls::cert_info(&cert).unwrap().serial
 }
 
 /// Sends a plain HTTP/1.1 request over TLS and returns status and body.
