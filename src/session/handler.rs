@@ -81,6 +81,11 @@ impl Session {
             self.strikes = 0;
         }
         self.strikes += 1;
+        // Once per window, not once per refused frame: a flood must not
+        // flood the logs too.
+        if self.strikes == 1 {
+            info!(event = "rate.limited", "message rate exceeded");
+        }
         (self.strikes > limits.rate_strikes).then_some(Disconnect::RateLimited)
     }
 
