@@ -69,6 +69,9 @@ pub struct Config {
     /// The Prometheus endpoint.
     #[serde(default)]
     pub metrics: MetricsConfig,
+    /// The browser client the server serves.
+    #[serde(default)]
+    pub client: ClientConfig,
     /// The file this was read from, for error messages; set by [`Config::load`].
     #[serde(skip)]
     pub source: PathBuf,
@@ -427,6 +430,24 @@ fn default_history() -> usize {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// Whether the chat page and client library are served at `/`.
+    pub enabled: bool,
+    /// Serve the client files from this folder instead of the embedded copies.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct MetricsConfig {
     /// Whether `/metrics` is served at all.
     pub enabled: bool,
@@ -523,6 +544,7 @@ impl Config {
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
         fix(&mut self.log.audit_file);
+        fix(&mut self.client.dir);
         for key in &mut self.auth.keys {
             fix(&mut key.secret_file);
             fix(&mut key.public_key_file);

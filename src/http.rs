@@ -91,6 +91,14 @@ pub async fn handle(
         } else {
             json_response(StatusCode::OK, &serde_json::json!({ "status": "ready" }))
         }
+    } else if let Some(response) = state
+        .config
+        .client
+        .enabled
+        .then(|| crate::web::serve(req.method(), path, state.config.client.dir.as_deref()))
+        .flatten()
+    {
+        response
     } else {
         Refusal::NotFound.response()
     };

@@ -13,6 +13,7 @@
 //! - [`proxy`]: the PROXY protocol header from trusted TCP proxies.
 //! - [`http`]: routes; the upgrade checks (shape, subprotocol, Origin, token).
 //! - [`refusal`]: every HTTP refusal and its status, in one place.
+//! - [`web`]: the browser client (page and library) with its CSP.
 //! - [`auth`]: token verification ([`auth::jwt`]), Origin allow-list
 //!   ([`auth::origin`]), where a credential comes from ([`auth::credentials`]).
 //! - [`protocol`]: the wire contract: frames, error codes, close codes. Pure.
@@ -50,6 +51,7 @@ pub mod state;
 mod sync;
 pub mod telemetry;
 pub mod tls;
+pub mod web;
 
 use std::sync::Arc;
 

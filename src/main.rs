@@ -264,6 +264,8 @@ async fn serve_dev(listen: SocketAddr) -> Result<(), String> {
     );
     println!("  token for alice (admin, 12 hours):");
     println!("{token}");
+    println!("  open the chat as alice:");
+    println!("https://{host}:{}/#token={token}", addr.port());
     server.run(shutdown_signal()).await;
     Ok(())
 }

@@ -30,6 +30,8 @@ pub enum Refusal {
     ShuttingDown,
     /// No such path.
     NotFound,
+    /// A method the path does not serve.
+    MethodNotAllowed,
 }
 
 impl Refusal {
@@ -43,6 +45,7 @@ impl Refusal {
             Self::TooManyConnections | Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Self::OverCapacity | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -60,6 +63,7 @@ impl Refusal {
             Self::OverCapacity => "over_capacity",
             Self::ShuttingDown => "shutting_down",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
         }
     }
 
@@ -81,6 +85,7 @@ impl Refusal {
             Self::OverCapacity => "the server is at capacity: try again later",
             Self::ShuttingDown => "the server is shutting down: reconnect",
             Self::NotFound => "no such path",
+            Self::MethodNotAllowed => "this path serves GET and HEAD only",
         }
     }
 

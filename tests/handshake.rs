@@ -351,3 +351,28 @@ async fn health_and_readiness() {
     let (status, body) = http_get(&server, "/readyz").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ready")));
 }
+
+#[tokio::test]
+async fn the_client_page_is_served_with_a_strict_policy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start().await;
+    let mut tls = server.tls(&[b"http/1.1"], None).await;
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    let _ = tls.read_to_string(&mut response).await;
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200"), "{response}");
+    for header in [
+        "content-security-policy: default-src 'none'; script-src 'self';",
+        "frame-ancestors 'none'",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+        "content-type: text/html",
+    ] {
+        assert!(lower.contains(header), "{header} missing:\n{response}");
+    }
+    assert!(!lower.contains("unsafe-inline") && !lower.contains("unsafe-eval"));
+    assert!(response.contains("<script type=\"module\" src=\"/app.js\">"));
+}
