@@ -72,6 +72,9 @@ pub struct Config {
     /// The browser client the server serves.
     #[serde(default)]
     pub client: ClientConfig,
+    /// Where sequence, history and fan-out live: this node, or Redis.
+    #[serde(default)]
+    pub broker: BrokerConfig,
     /// The file this was read from, for error messages; set by [`Config::load`].
     #[serde(skip)]
     pub source: PathBuf,
@@ -381,6 +384,8 @@ pub struct DmConfig {
     pub enabled: bool,
     /// Messages kept per direct-message room for `since` recovery.
     pub history: usize,
+    /// Direct messages older than this leave the history.
+    pub history_max_age_secs: u64,
 }
 
 impl Default for DmConfig {
@@ -388,6 +393,7 @@ impl Default for DmConfig {
         Self {
             enabled: false,
             history: 100,
+            history_max_age_secs: 7 * 86_400,
         }
     }
 }
@@ -410,6 +416,9 @@ pub struct RoomConfig {
     /// Messages kept for `since` recovery.
     #[serde(default = "default_history")]
     pub history: usize,
+    /// Messages older than this leave the history.
+    #[serde(default = "default_history_age")]
+    pub history_max_age_secs: u64,
     /// Only end-to-end encrypted (`enc`) payloads are accepted.
     #[serde(default)]
     pub e2e: bool,
@@ -426,6 +435,60 @@ fn moderator_roles() -> Vec<String> {
 }
 fn default_history() -> usize {
     100
+}
+fn default_history_age() -> u64 {
+    7 * 86_400
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// One node: sequence and history in memory.
+    #[default]
+    Memory,
+    /// Several nodes sharing rooms through Redis.
+    Redis,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    pub kind: BrokerKind,
+    /// `redis://host:port/db` or `rediss://` (TLS); no password here.
+    pub url: String,
+    /// Environment variable holding the Redis password (AUTH), if any.
+    pub password_env: Option<String>,
+    /// File holding the Redis password, if any.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the cluster secret that signs bus messages.
+    pub secret_env: Option<String>,
+    /// File holding the cluster secret.
+    pub secret_file: Option<PathBuf>,
+    /// Prefix of every Redis key and channel.
+    pub key_prefix: String,
+    /// Connecting to Redis gives up after this long.
+    pub connect_timeout_ms: u64,
+    /// A Redis command gives up after this long.
+    pub response_timeout_ms: u64,
+    /// Longest wait between reconnection attempts.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            kind: BrokerKind::Memory,
+            url: "redis://127.0.0.1:6379/0".into(),
+            password_env: None,
+            password_file: None,
+            secret_env: None,
+            secret_file: None,
+            key_prefix: "securechat".into(),
+            connect_timeout_ms: 2_000,
+            response_timeout_ms: 2_000,
+            max_backoff_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -545,6 +608,8 @@ impl Config {
         fix(&mut self.tls.client_ca);
         fix(&mut self.log.audit_file);
         fix(&mut self.client.dir);
+        fix(&mut self.broker.password_file);
+        fix(&mut self.broker.secret_file);
         for key in &mut self.auth.keys {
             fix(&mut key.secret_file);
             fix(&mut key.public_key_file);
@@ -572,6 +637,7 @@ impl Config {
         }
         self.validate_limits()?;
         self.validate_rooms()?;
+        self.validate_broker()?;
         if self.metrics.enabled
             && self.metrics.listen.port() != 0
             && self.metrics.listen == self.server.listen
@@ -893,6 +959,56 @@ impl Config {
         Ok(())
     }
 
+    fn validate_broker(&self) -> Result<(), ConfigError> {
+        let b = &self.broker;
+        if b.kind != BrokerKind::Redis {
+            return Ok(());
+        }
+        if !(b.url.starts_with("redis://") || b.url.starts_with("rediss://")) {
+            return Err(self.invalid("broker.url", "must start with redis:// or rediss:// (TLS)"));
+        }
+        if b.url
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.contains('@'))
+        {
+            return Err(self.invalid(
+                "broker.url",
+                "holds credentials: put the password in broker.password_env or broker.password_file",
+            ));
+        }
+        if b.secret_env.is_some() == b.secret_file.is_some() {
+            return Err(self.invalid(
+                "broker.secret_env",
+                "a Redis broker needs exactly one of secret_env or secret_file: the cluster secret that signs messages between nodes",
+            ));
+        }
+        if b.password_env.is_some() && b.password_file.is_some() {
+            return Err(self.invalid(
+                "broker.password_env",
+                "set at most one of password_env or password_file",
+            ));
+        }
+        if b.key_prefix.is_empty()
+            || b.key_prefix.len() > 64
+            || b.key_prefix.contains(['{', '}', ' '])
+        {
+            return Err(self.invalid(
+                "broker.key_prefix",
+                "must be 1 to 64 characters without braces or spaces",
+            ));
+        }
+        for (key, value) in [
+            ("broker.connect_timeout_ms", b.connect_timeout_ms),
+            ("broker.response_timeout_ms", b.response_timeout_ms),
+            ("broker.max_backoff_ms", b.max_backoff_ms),
+        ] {
+            if value == 0 || value > 60_000 {
+                return Err(self.invalid(key, "must be between 1 and 60000 ms"));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_rooms(&self) -> Result<(), ConfigError> {
         if self.dm.history > bounds::MAX_HISTORY {
             return Err(self.invalid(
@@ -917,6 +1033,12 @@ impl Config {
                 return Err(self.invalid(
                     key("history"),
                     format!("must be at most {}", bounds::MAX_HISTORY),
+                ));
+            }
+            if room.history_max_age_secs == 0 || room.history_max_age_secs > 365 * 86_400 {
+                return Err(self.invalid(
+                    key("history_max_age_secs"),
+                    "must be between 1 and 31536000 (a year)",
                 ));
             }
             for (field, roles) in [

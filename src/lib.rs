@@ -76,6 +76,8 @@ pub enum StartError {
         source: KeyError,
         path: std::path::PathBuf,
     },
+    #[error("{0} (check [broker] in the configuration and that Redis is reachable)")]
+    Broker(#[from] hub::redis::RedisStartError),
     #[error("cannot listen on {addr} (server.listen or metrics.listen): {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -144,7 +146,12 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
             "TLS is off (tls.mode = \"off\"): a proxy in front must terminate TLS"
         );
     }
-    let broker = Arc::new(MemoryBroker::new(config.limits.max_rooms));
+    let broker: Arc<dyn hub::broker::Broker> = match config.broker.kind {
+        config::BrokerKind::Memory => Arc::new(MemoryBroker::new(config.limits.max_rooms)),
+        config::BrokerKind::Redis => {
+            Arc::new(hub::redis::RedisBroker::connect(&config.broker).await?)
+        }
+    };
     let hub = hub::Hub::new(
         broker,
         config.limits.outbound_queue_messages,

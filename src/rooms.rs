@@ -71,14 +71,22 @@ impl RoleSet {
     }
 }
 
+/// How much history a room keeps: at most `len` messages, none older than
+/// `max_age`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryBound {
+    pub len: usize,
+    pub max_age: std::time::Duration,
+}
+
 /// What one room allows.
 #[derive(Debug, Clone)]
 pub struct RoomPolicy {
     pub join: RoleSet,
     pub post: RoleSet,
     pub moderate: RoleSet,
-    /// Messages kept for `since` recovery.
-    pub history: usize,
+    /// How much history the room keeps for `since` recovery.
+    pub history: HistoryBound,
     /// Only `enc` payloads are accepted.
     pub e2e: bool,
     /// Only tokens proving multi-factor sign-in may join.
@@ -93,7 +101,10 @@ impl RoomPolicy {
             join: RoleSet::new(&room.join),
             post: RoleSet::new(&room.post),
             moderate: RoleSet::new(&room.moderate),
-            history: room.history,
+            history: HistoryBound {
+                len: room.history,
+                max_age: std::time::Duration::from_secs(room.history_max_age_secs),
+            },
             e2e: room.e2e,
             require_mfa: room.require_mfa,
             dm_pair: None,
@@ -142,7 +153,10 @@ impl Rooms {
                 join: RoleSet::nobody(),
                 post: RoleSet::nobody(),
                 moderate: RoleSet::nobody(),
-                history: dm.history,
+                history: HistoryBound {
+                    len: dm.history,
+                    max_age: std::time::Duration::from_secs(dm.history_max_age_secs),
+                },
                 e2e: false,
                 require_mfa: false,
                 dm_pair: None,
@@ -232,6 +246,7 @@ mod tests {
             post: post.iter().map(|r| r.to_string()).collect(),
             moderate: vec!["admin".into()],
             history: 10,
+            history_max_age_secs: 3600,
             e2e: false,
             require_mfa: false,
         }
@@ -251,6 +266,7 @@ mod tests {
             &DmConfig {
                 enabled: true,
                 history: 5,
+                history_max_age_secs: 3600,
             },
         )
     }

@@ -7,6 +7,7 @@ use std::sync::Weak;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::{Payload, Sender};
+use crate::rooms::HistoryBound;
 
 /// A message a session asks to publish; the broker gives it seq, id and time.
 #[derive(Debug, Clone)]
@@ -72,12 +73,12 @@ pub trait Broker: Send + Sync + 'static {
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError>;
     /// Stops delivering events of `room` to this node.
     fn unsubscribe(&self, room: &str);
-    /// Assigns the next seq, stores the message in history (keeping at most
-    /// `history_len`), fans it out, and returns its seq.
+    /// Assigns the next seq, stores the message in history (within
+    /// `history`), fans it out, and returns its seq.
     async fn publish(
         &self,
         room: &str,
-        history_len: usize,
+        history: HistoryBound,
         draft: Draft,
     ) -> Result<u64, BrokerError>;
     /// Messages after `since` (none asked: no replay, only the latest seq).

@@ -3,26 +3,48 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use super::broker::{Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent};
 use crate::protocol::{MessageFrame, ServerFrame};
+use crate::rooms::HistoryBound;
 use crate::sync::lock;
 
 struct Stored {
     seq: u64,
     author: String,
     frame: Utf8Bytes,
+    at: Instant,
 }
 
 #[derive(Default)]
 struct RoomLog {
     /// The last seq given out.
     latest: u64,
-    /// The highest seq dropped from history for length (not deletion).
+    /// The highest seq dropped from history for length or age (not deletion).
     evicted_through: u64,
     history: VecDeque<Stored>,
+    /// The room's bound, as of its last publish.
+    max_age: Option<Duration>,
+}
+
+impl RoomLog {
+    /// Drops what is over the length or older than the age bound.
+    fn trim(&mut self, len: usize, now: Instant) {
+        while self.history.len() > len
+            || self
+                .history
+                .front()
+                .zip(self.max_age)
+                .is_some_and(|(oldest, age)| now.duration_since(oldest.at) > age)
+        {
+            if let Some(old) = self.history.pop_front() {
+                self.evicted_through = old.seq;
+            }
+        }
+    }
 }
 
 /// In-memory broker. Room logs are bounded in number: past `max_rooms`, the
@@ -94,10 +116,10 @@ impl Broker for MemoryBroker {
     async fn publish(
         &self,
         room: &str,
-        history_len: usize,
+        history: HistoryBound,
         draft: Draft,
     ) -> Result<u64, BrokerError> {
-        let accepted = std::time::Instant::now();
+        let accepted = Instant::now();
         let log = self.log(room)?;
         let mut log = lock(&log);
         let seq = log.latest + 1;
@@ -115,20 +137,14 @@ impl Broker for MemoryBroker {
         let text = serde_json::to_string(&frame).map_err(|e| BrokerError(e.to_string()))?;
         let frame = Utf8Bytes::from(text);
         log.latest = seq;
-        if history_len > 0 {
-            log.history.push_back(Stored {
-                seq,
-                author: draft.from.sub.clone(),
-                frame: frame.clone(),
-            });
-        } else {
-            log.evicted_through = seq;
-        }
-        while log.history.len() > history_len {
-            if let Some(old) = log.history.pop_front() {
-                log.evicted_through = old.seq;
-            }
-        }
+        log.max_age = Some(history.max_age);
+        log.history.push_back(Stored {
+            seq,
+            author: draft.from.sub.clone(),
+            frame: frame.clone(),
+            at: accepted,
+        });
+        log.trim(history.len, accepted);
         // Delivered under the room's lock: the next publish waits, so every
         // member's queue receives this room's messages in seq order.
         self.deliver(room, &RoomEvent::Message { seq, frame });
@@ -138,7 +154,9 @@ impl Broker for MemoryBroker {
 
     async fn history(&self, room: &str, since: Option<u64>) -> Result<History, BrokerError> {
         let log = self.log(room)?;
-        let log = lock(&log);
+        let mut log = lock(&log);
+        let len = log.history.len();
+        log.trim(len, Instant::now());
         let Some(since) = since else {
             return Ok(History {
                 latest: log.latest,

@@ -9,6 +9,7 @@
 
 pub mod broker;
 pub mod memory;
+pub mod redis;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
