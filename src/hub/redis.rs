@@ -123,10 +123,9 @@ struct Shared {
     sink: OnceLock<Weak<dyn EventSink>>,
     /// Rooms this node is subscribed to, with their delivery state.
     rooms: Mutex<HashMap<String, RoomState>>,
-    /// Whether the subscription connection is up.
+    /// Whether the subscription connection is up: the node's signal that
+    /// Redis is reachable.
     subscribed: AtomicBool,
-    /// Whether the last command succeeded.
-    commands_ok: AtomicBool,
 }
 
 /// The Redis broker; see the module docs.
@@ -228,7 +227,6 @@ impl RedisBroker {
             sink: OnceLock::new(),
             rooms: Mutex::new(HashMap::new()),
             subscribed: AtomicBool::new(false),
-            commands_ok: AtomicBool::new(true),
         });
         let (changes, rx) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
@@ -251,20 +249,16 @@ impl RedisBroker {
         )
     }
 
-    /// Runs a command future under the response timeout and records health.
+    /// Runs a command future under the response timeout.
     async fn command<T>(
         &self,
         future: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, BrokerError> {
-        let result = match tokio::time::timeout(self.shared.response_timeout, future).await {
+        match tokio::time::timeout(self.shared.response_timeout, future).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(BrokerError(e.to_string())),
             Err(_) => Err(BrokerError("Redis did not answer in time".into())),
-        };
-        self.shared
-            .commands_ok
-            .store(result.is_ok(), Ordering::Release);
-        result
+        }
     }
 }
 
@@ -395,7 +389,6 @@ impl Broker for RedisBroker {
 
     fn is_ready(&self) -> bool {
         self.shared.subscribed.load(Ordering::Acquire)
-            && self.shared.commands_ok.load(Ordering::Acquire)
     }
 
     async fn subscribe(&self, room: &str) -> Result<(), BrokerError> {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -162,44 +164,79 @@ impl TestServer {
 
     pub async fn start_from(text: &str, edit: impl FnOnce(&mut Config)) -> Self {
         let pki = Arc::new(Pki::new());
-        let dir = tempfile::tempdir().unwrap();
         let secret = Secret::new(
             rand_hex(32).into_bytes(), // 64 hex characters
         );
-        write(dir.path(), "server.crt", &pki.server.cert_pem);
-        write(dir.path(), "server.key", &pki.server.key_pem);
-        write(dir.path(), "ca.crt", &pki.ca.cert_pem);
-        write(dir.path(), "es.pub.pem", &pki.es_public);
-        write(
-            dir.path(),
-            "jwt.secret",
-            std::str::from_utf8(secret.expose()).unwrap(),
-        );
-        let mut config = Config::parse(text, &dir.path().join("test.toml")).unwrap();
-        edit(&mut config);
-        config.resolve_paths(dir.path());
-        config.validate().expect("test configuration is valid");
-        let prepared = securechat::Prepared::load(config).expect("keys and certificates load");
+        Self::start_with_keys(text, pki, secret, edit).await
+    }
+
+    /// Another node of the same cluster: same certificates and token keys.
+    pub async fn start_like(first: &TestServer, edit: impl FnOnce(&mut Config)) -> Self {
+        Self::start_with_keys(BASE_CONFIG, first.pki.clone(), first.secret.clone(), edit).await
+    }
+
+    async fn start_with_keys(
+        text: &str,
+        pki: Arc<Pki>,
+        secret: Secret,
+        edit: impl FnOnce(&mut Config),
+    ) -> Self {
+        let (prepared, dir) = prepare(text, &pki, &secret, edit);
         let server = securechat::start(prepared).await.expect("server binds");
-        let addr = server.local_addr().unwrap();
-        let state = server.state();
-        let metrics_addr = server.metrics_addr();
-        let reloader = server.reloader();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(server.run(async {
+        let mut node = Self::around(&server, pki, secret, dir);
+        node.handle = Some(tokio::spawn(server.run(async {
             let _ = rx.await;
-        }));
+        })));
+        node.shutdown = Some(tx);
+        node
+    }
+
+    /// The test view of a bound server that is not running yet.
+    fn around(
+        server: &securechat::server::Server,
+        pki: Arc<Pki>,
+        secret: Secret,
+        dir: tempfile::TempDir,
+    ) -> Self {
         Self {
-            addr,
+            addr: server.local_addr().unwrap(),
             pki,
             secret,
-            state,
-            metrics_addr,
-            reloader,
+            state: server.state(),
+            metrics_addr: server.metrics_addr(),
+            reloader: server.reloader(),
             dir,
-            shutdown: Some(tx),
-            handle: Some(handle),
+            shutdown: None,
+            handle: None,
         }
+    }
+
+    /// Another node of `first`'s cluster, running on a runtime of its own
+    /// with one worker thread, so the test can freeze it (block that
+    /// thread) or kill it (drop the runtime: every task and socket goes at
+    /// once, as with SIGKILL).
+    pub async fn start_isolated(
+        first: &TestServer,
+        edit: impl FnOnce(&mut Config) + Send + 'static,
+    ) -> (Self, tokio::runtime::Runtime) {
+        let (prepared, dir) = prepare(BASE_CONFIG, &first.pki, &first.secret, edit);
+        let (pki, secret) = (first.pki.clone(), first.secret.clone());
+        tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            let server = runtime
+                .block_on(securechat::start(prepared))
+                .expect("server binds");
+            let node = Self::around(&server, pki, secret, dir);
+            runtime.spawn(server.run(std::future::pending()));
+            (node, runtime)
+        })
+        .await
+        .unwrap()
     }
 
     /// Starts shutdown; returns the server task to await.
@@ -373,6 +410,32 @@ impl TestServer {
             }
         }
     }
+}
+
+/// Writes the test PKI and token secret to a new folder and loads a
+/// configuration from `text` there, after `edit`.
+fn prepare(
+    text: &str,
+    pki: &Pki,
+    secret: &Secret,
+    edit: impl FnOnce(&mut Config),
+) -> (securechat::Prepared, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "server.crt", &pki.server.cert_pem);
+    write(dir.path(), "server.key", &pki.server.key_pem);
+    write(dir.path(), "ca.crt", &pki.ca.cert_pem);
+    write(dir.path(), "es.pub.pem", &pki.es_public);
+    write(
+        dir.path(),
+        "jwt.secret",
+        std::str::from_utf8(secret.expose()).unwrap(),
+    );
+    let mut config = Config::parse(text, &dir.path().join("test.toml")).unwrap();
+    edit(&mut config);
+    config.resolve_paths(dir.path());
+    config.validate().expect("test configuration is valid");
+    let prepared = securechat::Prepared::load(config).expect("keys and certificates load");
+    (prepared, dir)
 }
 
 impl Drop for TestServer {
