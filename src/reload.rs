@@ -36,6 +36,13 @@ pub struct ReloadOutcome {
     pub keys_ok: bool,
 }
 
+/// Whether a file event at `path` concerns one of the watched file `names`.
+fn concerns(path: &std::path::Path, names: &[std::ffi::OsString]) -> bool {
+    path.file_name().is_some_and(|name| {
+        names.iter().any(|n| n == name) || name.to_string_lossy().starts_with("..data")
+    })
+}
+
 /// Keeps the file watcher alive; dropping it stops watching.
 pub struct WatchGuard {
     _watcher: notify::RecommendedWatcher,
@@ -101,10 +108,10 @@ impl Reloader {
         ReloadOutcome { tls_ok, keys_ok }
     }
 
-    /// The folders that hold the certificate, its key and the key files.
-    fn watched_folders(&self) -> BTreeSet<PathBuf> {
+    /// The certificate, its key and the key files.
+    fn watched_files(&self) -> Vec<PathBuf> {
         let config = &self.state.config;
-        let files = [&config.tls.cert, &config.tls.key]
+        [&config.tls.cert, &config.tls.key]
             .into_iter()
             .chain(
                 config
@@ -113,16 +120,8 @@ impl Reloader {
                     .iter()
                     .flat_map(|k| [&k.secret_file, &k.public_key_file]),
             )
-            .flatten();
-        files
-            .filter_map(|file| {
-                let parent = file.parent()?;
-                Some(if parent.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    parent.to_path_buf()
-                })
-            })
+            .flatten()
+            .cloned()
             .collect()
     }
 
@@ -131,9 +130,30 @@ impl Reloader {
         if !self.from_files {
             return None;
         }
+        let files = self.watched_files();
+        let folders: BTreeSet<PathBuf> = files
+            .iter()
+            .filter_map(|file| {
+                let parent = file.parent()?;
+                Some(if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                })
+            })
+            .collect();
+        // Only events about the watched names count (a rename onto them, a
+        // symlink swap of Kubernetes' `..data`), so other files in the same
+        // folders (an audit log written on every reload) never trigger one.
+        let names: Vec<std::ffi::OsString> = files
+            .iter()
+            .filter_map(|f| f.file_name().map(ToOwned::to_owned))
+            .collect();
+        let relevant = move |path: &std::path::Path| concerns(path, &names);
         let (tx, mut rx) = mpsc::channel::<()>(16);
         let handler = move |event: notify::Result<notify::Event>| {
-            if event.is_ok_and(|e| !e.kind.is_access()) {
+            let Ok(event) = event else { return };
+            if !event.kind.is_access() && event.paths.iter().any(|p| relevant(p)) {
                 // A full channel already holds a pending reload.
                 let _ = tx.try_send(());
             }
@@ -145,8 +165,8 @@ impl Reloader {
                 return None;
             }
         };
-        for folder in self.watched_folders() {
-            if let Err(e) = watcher.watch(&folder, RecursiveMode::NonRecursive) {
+        for folder in &folders {
+            if let Err(e) = watcher.watch(folder, RecursiveMode::NonRecursive) {
                 warn!(event = "reload.watch_failed", folder = %folder.display(), error = %e);
             }
         }
@@ -164,5 +184,21 @@ impl Reloader {
             }
         });
         Some(WatchGuard { _watcher: watcher })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn only_events_about_watched_names_count() {
+        let names = vec!["server.crt".into(), "server.key".into()];
+        assert!(concerns(Path::new("/etc/securechat/certs/server.crt"), &names));
+        assert!(concerns(Path::new("/etc/securechat/certs/..data"), &names));
+        assert!(concerns(Path::new("/etc/securechat/certs/..data_tmp"), &names));
+        assert!(!concerns(Path::new("/etc/securechat/certs/audit.log"), &names));
+        assert!(!concerns(Path::new("/etc/securechat/certs/.server.crt.swp"), &names));
     }
 }
