@@ -195,10 +195,22 @@ mod tests {
     #[test]
     fn only_events_about_watched_names_count() {
         let names = vec!["server.crt".into(), "server.key".into()];
-        assert!(concerns(Path::new("/etc/securechat/certs/server.crt"), &names));
+        assert!(concerns(
+            Path::new("/etc/securechat/certs/server.crt"),
+            &names
+        ));
         assert!(concerns(Path::new("/etc/securechat/certs/..data"), &names));
-        assert!(concerns(Path::new("/etc/securechat/certs/..data_tmp"), &names));
-        assert!(!concerns(Path::new("/etc/securechat/certs/audit.log"), &names));
-        assert!(!concerns(Path::new("/etc/securechat/certs/.server.crt.swp"), &names));
+        assert!(concerns(
+            Path::new("/etc/securechat/certs/..data_tmp"),
+            &names
+        ));
+        assert!(!concerns(
+            Path::new("/etc/securechat/certs/audit.log"),
+            &names
+        ));
+        assert!(!concerns(
+            Path::new("/etc/securechat/certs/.server.crt.swp"),
+            &names
+        ));
     }
 }
