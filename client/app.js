@@ -406,7 +406,7 @@ export function startChat(options = {}) {
       case "rate_limited":
         return "Not sent: you are sending too fast. Wait a moment.";
       case "no_key":
-        return "Not sent: set this room's key first.";
+        return "Not sent: this room is end-to-end encrypted. Set its key with “Set room key” first.";
       default:
         return `Not sent: ${e.message}`;
     }

@@ -203,8 +203,9 @@ const SCHEMAS = {
   },
   joined(f) {
     const out = { room: room(f), seq: int(f, "seq", 0), recovered: bool(f, "recovered") };
-    // Not in the v1 contract: kept when a server announces it.
+    // Not in the v1 contract: kept when a server announces them.
     if (f.e2e !== undefined) out.e2e = bool(f, "e2e");
+    if (f.epoch !== undefined) out.epoch = str(f, "epoch", { max: 64 });
     return out;
   },
   left: (f) => ({ room: room(f), reason: str(f, "reason", { max: 64 }) }),
@@ -750,7 +751,12 @@ export class SecureChat {
   }
   _sendJoin(room, r) {
     const frame = { type: "join", room };
-    if (r.lastSeq !== null) frame.since = r.lastSeq;
+    if (r.lastSeq !== null) {
+      frame.since = r.lastSeq;
+      // The seq counts within this epoch; a server whose room restarted
+      // since replays everything it holds instead of trusting `since`.
+      if (r.epoch) frame.epoch = r.epoch;
+    }
     this._fifo.push({ kind: "join", room, since: r.lastSeq });
     this._write(frame);
   }
@@ -818,11 +824,13 @@ export class SecureChat {
     }
     r.joined = true;
     if (f.e2e === true) r.e2e = true;
+    const epochChanged = Boolean(r.epoch && f.epoch && f.epoch !== r.epoch);
+    if (f.epoch) r.epoch = f.epoch;
     const since = entry.since;
     let gap = null;
     if (since === null) {
       r.lastSeq = f.seq;
-    } else if (f.seq < since) {
+    } else if (f.seq < since || epochChanged) {
       // The room's sequence restarted (the server lost its history).
       r.lastSeq = 0;
       gap = { room: f.room, since, seq: f.seq, restarted: true };

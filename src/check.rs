@@ -90,6 +90,12 @@ fn private_files(config: &Config) -> Vec<(PathBuf, String)> {
     if let Some(key) = &config.tls.key {
         files.push((key.clone(), "tls.key".to_string()));
     }
+    if let Some(file) = &config.broker.secret_file {
+        files.push((file.clone(), "broker.secret_file".to_string()));
+    }
+    if let Some(file) = &config.broker.password_file {
+        files.push((file.clone(), "broker.password_file".to_string()));
+    }
     for (i, key) in config.auth.keys.iter().enumerate() {
         if let Some(file) = &key.secret_file {
             files.push((file.clone(), format!("auth.keys[{i}].secret_file")));

@@ -1016,6 +1016,12 @@ impl Config {
                 format!("must be at most {}", bounds::MAX_HISTORY),
             ));
         }
+        if self.dm.history_max_age_secs == 0 || self.dm.history_max_age_secs > 365 * 86_400 {
+            return Err(self.invalid(
+                "dm.history_max_age_secs",
+                "must be between 1 and 31536000 (a year)",
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for (i, room) in self.rooms.iter().enumerate() {
             let key = |field: &str| format!("rooms[{i}].{field}");

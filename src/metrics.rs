@@ -114,6 +114,10 @@ fn describe() {
         "securechat_tls_reloads_total",
         "Certificate and key reloads, by result (ok, error)."
     );
+    describe_counter!(
+        "securechat_bus_rejected_total",
+        "Messages between nodes dropped because they failed their signature check, by reason."
+    );
     describe_gauge!("securechat_build_info", "Build information; always 1.");
 }
 

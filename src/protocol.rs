@@ -35,6 +35,11 @@ pub struct Join {
     /// The last seq the client has seen; messages after it are replayed.
     #[serde(default)]
     pub since: Option<u64>,
+    /// The room epoch `since` belongs to (from `joined`); when the room's
+    /// sequence has restarted since, nothing is assumed and all held history
+    /// is replayed.
+    #[serde(default)]
+    pub epoch: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -263,9 +268,15 @@ impl ClientFrame {
         let fail =
             |msg: &str| Err(FrameError::new(ErrorCode::InvalidMessage, msg).with_ref(reference));
         match self {
-            Self::Join(Join { room, .. })
-            | Self::Leave(Leave { room })
-            | Self::Delete(Delete { room, .. }) => validate_room_name(room),
+            Self::Join(Join { room, epoch, .. }) => {
+                if epoch.as_ref().is_some_and(|e| e.is_empty() || e.len() > 64) {
+                    return fail("\"epoch\" must be 1 to 64 characters");
+                }
+                validate_room_name(room)
+            }
+            Self::Leave(Leave { room }) | Self::Delete(Delete { room, .. }) => {
+                validate_room_name(room)
+            }
             Self::Kick(k) => {
                 validate_room_name(&k.room)?;
                 if k.user.is_empty() || k.user.len() > 256 {
@@ -430,6 +441,12 @@ pub enum ServerFrame<'a> {
         room: &'a str,
         seq: u64,
         recovered: bool,
+        /// Identifies this run of the room's sequence; it changes when the
+        /// sequence restarts (history lost), so a client's old seqs no
+        /// longer apply.
+        epoch: &'a str,
+        /// The room accepts only end-to-end encrypted payloads.
+        e2e: bool,
     },
     Left {
         room: &'a str,
@@ -509,7 +526,8 @@ mod tests {
             ClientFrame::parse(r#"{"type":"join","room":"general","since":4}"#).unwrap(),
             ClientFrame::Join(Join {
                 room: "general".into(),
-                since: Some(4)
+                since: Some(4),
+                epoch: None,
             })
         );
         assert!(matches!(

@@ -388,6 +388,42 @@ async fn recovery_with_since() {
 }
 
 #[tokio::test]
+async fn joined_names_the_epoch_and_e2e_and_a_foreign_epoch_replays_everything() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect(&server.token("alice")).await;
+    let joined = alice.join("secret").await;
+    assert_eq!(joined["e2e"], true);
+    let joined = alice.join("general").await;
+    assert_eq!(joined["e2e"], false);
+    let epoch = joined["epoch"].as_str().unwrap().to_string();
+    assert!(!epoch.is_empty());
+    for i in 0..3 {
+        alice
+            .say("general", &format!("a{i}"), &format!("m{i}"))
+            .await;
+    }
+    // The same epoch: a normal recovery.
+    let mut bob = server.connect(&server.token("bob")).await;
+    bob.send(json!({"type": "join", "room": "general", "since": 2, "epoch": epoch}))
+        .await;
+    let joined = bob.recv().await;
+    assert_eq!(
+        (joined["recovered"].as_bool(), joined["epoch"].as_str()),
+        (Some(true), Some(epoch.as_str()))
+    );
+    assert_eq!(bob.recv().await["body"], "m2");
+    // Another epoch (a restarted node): everything held, not recovered.
+    let mut carol = server.connect(&server.token("carol")).await;
+    carol
+        .send(json!({"type": "join", "room": "general", "since": 2, "epoch": "0123456789abcdef"}))
+        .await;
+    assert_eq!(carol.recv().await["recovered"], false);
+    for expected in ["m0", "m1", "m2"] {
+        assert_eq!(carol.recv().await["body"], expected);
+    }
+}
+
+#[tokio::test]
 async fn recovery_reports_a_gap_when_history_is_short() {
     let server = TestServer::start().await;
     let mut alice = server.member("alice", "small").await;

@@ -321,3 +321,42 @@ async fn a_frozen_node_does_not_slow_the_others_and_catches_up() {
     assert_eq!(messages(&mut carol, 5).await, seen);
     runtime.shutdown_background();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_room_whose_redis_data_is_lost_keeps_delivering() {
+    let Some(cluster) = Cluster::start().await else {
+        return;
+    };
+    let b = cluster.node().await;
+    let mut alice = cluster.first.member("alice", "general").await;
+    let mut bob = b.connect(&b.token("bob")).await;
+    bob.send(json!({"type": "join", "room": "general"})).await;
+    let joined = bob.recv().await;
+    let epoch = joined["epoch"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        alice
+            .say("general", &format!("a{i}"), &format!("m{i}"))
+            .await;
+    }
+    assert_eq!(messages(&mut bob, 3).await.last().unwrap().0, 3);
+
+    // Redis loses everything (a restart without persistence, a FLUSHALL).
+    let mut redis = cluster.redis.client().await;
+    let _: String = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let ack = alice.say("general", "b0", "after").await;
+    assert_eq!(ack["seq"], 1, "the sequence starts again");
+    // Members see the new run instead of taking it for duplicates.
+    assert_eq!(messages(&mut bob, 1).await, [(1, "after".to_string())]);
+    // A client rejoining with a seq of the old run gets the new run replayed.
+    let mut carol = b.connect(&b.token("carol")).await;
+    carol
+        .send(json!({"type": "join", "room": "general", "since": 2, "epoch": epoch}))
+        .await;
+    let joined = carol.recv().await;
+    assert_eq!(joined["recovered"], false);
+    assert_ne!(joined["epoch"].as_str().unwrap(), epoch);
+    assert_eq!(messages(&mut carol, 1).await, [(1, "after".to_string())]);
+}

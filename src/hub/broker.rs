@@ -26,6 +26,9 @@ pub enum RoomEvent {
     Deleted { seq: u64, frame: Utf8Bytes },
     /// A moderator removed `user` from the room.
     Kick { user: String },
+    /// The room's sequence restarted (its history was lost); seqs start
+    /// again from 1.
+    Reset,
 }
 
 /// Messages after a client's `since`, from the room's history.
@@ -37,6 +40,8 @@ pub struct History {
     pub messages: Vec<(u64, Utf8Bytes)>,
     /// Whether history still held every message after `since`.
     pub complete: bool,
+    /// The current run of the room's sequence.
+    pub epoch: String,
 }
 
 /// The answer to a delete request.

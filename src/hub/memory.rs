@@ -19,8 +19,9 @@ struct Stored {
     at: Instant,
 }
 
-#[derive(Default)]
 struct RoomLog {
+    /// This run of the room's sequence: a new log starts a new one.
+    epoch: String,
     /// The last seq given out.
     latest: u64,
     /// The highest seq dropped from history for length or age (not deletion).
@@ -31,6 +32,16 @@ struct RoomLog {
 }
 
 impl RoomLog {
+    fn new() -> Self {
+        Self {
+            epoch: format!("{:016x}", rand::random::<u64>()),
+            latest: 0,
+            evicted_through: 0,
+            history: VecDeque::new(),
+            max_age: None,
+        }
+    }
+
     /// Drops what is over the length or older than the age bound.
     fn trim(&mut self, len: usize, now: Instant) {
         while self.history.len() > len
@@ -81,7 +92,7 @@ impl MemoryBroker {
                 None => return Err(BrokerError("room limit reached".into())),
             }
         }
-        let log = Arc::new(Mutex::new(RoomLog::default()));
+        let log = Arc::new(Mutex::new(RoomLog::new()));
         rooms.insert(room.to_owned(), log.clone());
         Ok(log)
     }
@@ -148,7 +159,6 @@ impl Broker for MemoryBroker {
         // Delivered under the room's lock: the next publish waits, so every
         // member's queue receives this room's messages in seq order.
         self.deliver(room, &RoomEvent::Message { seq, frame });
-        metrics::histogram!("securechat_fanout_seconds").record(accepted.elapsed().as_secs_f64());
         Ok(seq)
     }
 
@@ -162,6 +172,7 @@ impl Broker for MemoryBroker {
                 latest: log.latest,
                 messages: Vec::new(),
                 complete: true,
+                epoch: log.epoch.clone(),
             });
         };
         // A `since` beyond the latest seq means the room's sequence restarted
@@ -181,6 +192,7 @@ impl Broker for MemoryBroker {
             latest: log.latest,
             messages,
             complete,
+            epoch: log.epoch.clone(),
         })
     }
 

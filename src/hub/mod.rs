@@ -65,6 +65,17 @@ struct LocalRoom {
     subscribed: OnceCell<()>,
 }
 
+/// What a client asks for when it joins.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct JoinRequest<'a> {
+    /// The last seq it has seen.
+    pub since: Option<u64>,
+    /// The epoch that seq belongs to.
+    pub epoch: Option<&'a str>,
+    /// Whether the room is end-to-end encrypted (announced in `joined`).
+    pub e2e: bool,
+}
+
 /// What a successful join reports.
 #[derive(Debug, Clone, Copy)]
 pub struct Joined {
@@ -130,14 +141,16 @@ impl Hub {
             .sum()
     }
 
-    /// Adds a member to `room`, replaying what it missed after `since`. The
-    /// `joined` frame and the replay are queued on the member's outbox.
+    /// Adds a member to `room`, replaying what it missed after `since` (of
+    /// `epoch`, when the client says). The `joined` frame and the replay are
+    /// queued on the member's outbox.
     pub async fn join(
         &self,
         room: &str,
         member: MemberHandle,
-        since: Option<u64>,
+        request: JoinRequest<'_>,
     ) -> Result<(Joined, Arc<Membership>), JoinError> {
+        let since = request.since;
         let membership = Arc::new(Membership {
             active: AtomicBool::new(true),
         });
@@ -165,7 +178,17 @@ impl Hub {
                 .subscribed
                 .get_or_try_init(|| self.broker.subscribe(room))
                 .await?;
-            self.broker.history(room, since).await
+            let history = self.broker.history(room, since).await?;
+            match request.epoch {
+                // The client's seqs belong to an earlier run of the sequence:
+                // replay all that is held, and say it may not be everything.
+                Some(epoch) if since.is_some() && epoch != history.epoch => {
+                    let mut all = self.broker.history(room, Some(0)).await?;
+                    all.complete = false;
+                    Ok::<_, BrokerError>(all)
+                }
+                _ => Ok(history),
+            }
         }
         .await;
         let history = match history {
@@ -190,6 +213,8 @@ impl Hub {
                 room,
                 seq: history.latest,
                 recovered,
+                epoch: &history.epoch,
+                e2e: request.e2e,
             }
             .to_json(),
         );
@@ -210,6 +235,7 @@ impl Hub {
                     RoomEvent::Deleted { frame, .. } => {
                         outbox.push(frame);
                     }
+                    RoomEvent::Reset => last = 0,
                     RoomEvent::Kick { .. } => {}
                 }
             }
@@ -265,6 +291,7 @@ impl Hub {
 
 impl EventSink for Hub {
     fn deliver(&self, room: &str, event: &RoomEvent) {
+        let started = std::time::Instant::now();
         let Some(local) = read(&self.rooms).get(room).cloned() else {
             return;
         };
@@ -293,8 +320,13 @@ impl EventSink for Hub {
                 (MemberState::Live { .. }, RoomEvent::Deleted { frame, .. }) => {
                     member.handle.outbox.push(frame.clone());
                 }
+                (MemberState::Live { min_seq }, RoomEvent::Reset) => *min_seq = 0,
                 (MemberState::Live { .. }, RoomEvent::Kick { .. }) => {}
             }
+        }
+        if matches!(event, RoomEvent::Message { .. }) {
+            metrics::histogram!("securechat_fanout_seconds")
+                .record(started.elapsed().as_secs_f64());
         }
     }
 }

@@ -16,7 +16,9 @@
 //!   not covered: such a client could replay an old message, not forge one.
 //!
 //! Keys: `<prefix>:{<room>}:seq`, `:stream`, `:floor` (the highest seq
-//! dropped for length or age); channel `<prefix>:{<room>}`. The braces keep a
+//! dropped for length or age), `:epoch` (a fresh value each time the
+//! sequence starts, so nodes and clients notice a restart after Redis lost
+//! the room); channel `<prefix>:{<room>}`. The braces keep a
 //! room's keys in one Redis Cluster slot.
 
 use std::collections::HashMap;
@@ -40,10 +42,16 @@ use crate::rooms::HistoryBound;
 use crate::sync::lock;
 
 /// INCR, XADD, trim by length and age, PUBLISH: one message, atomically.
-/// KEYS: seq, stream, floor. ARGV: frame prefix, frame suffix, mac, author,
-/// max length, now (ms), oldest allowed (ms), channel, key ttl (ms).
+/// KEYS: seq, stream, floor, epoch. ARGV: frame prefix, frame suffix, mac,
+/// author, max length, now (ms), oldest allowed (ms), channel, key ttl (ms),
+/// a fresh epoch (used when the sequence starts).
 const PUBLISH: &str = r#"
 local seq = redis.call('INCR', KEYS[1])
+local epoch = redis.call('GET', KEYS[4])
+if not epoch then
+  epoch = ARGV[10]
+  redis.call('SET', KEYS[4], epoch)
+end
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], seq .. '-1', 'f', frame, 'm', ARGV[3], 'a', ARGV[4], 't', ARGV[6])
 local floor = 0
@@ -77,7 +85,8 @@ local ttl = tonumber(ARGV[9])
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
 redis.call('PEXPIRE', KEYS[3], ttl)
-redis.call('PUBLISH', ARGV[8], 'm\n' .. ARGV[3] .. '\n' .. frame)
+redis.call('PEXPIRE', KEYS[4], ttl)
+redis.call('PUBLISH', ARGV[8], 'm\n' .. ARGV[3] .. '\n' .. epoch .. '\n' .. frame)
 return seq
 "#;
 
@@ -111,6 +120,8 @@ enum Change {
 struct RoomState {
     /// The last seq delivered here; `None` until the first one.
     last: Option<u64>,
+    /// The epoch of `last`.
+    epoch: Option<String>,
 }
 
 struct Shared {
@@ -247,6 +258,10 @@ impl RedisBroker {
             format!("{base}:stream"),
             format!("{base}:floor"),
         )
+    }
+
+    fn epoch_key(&self, room: &str) -> String {
+        format!("{}:{{{room}}}:epoch", self.shared.prefix)
     }
 
     /// Runs a command future under the response timeout.
@@ -397,12 +412,22 @@ impl Broker for RedisBroker {
         // stream, so nothing published meanwhile is lost.
         let (seq_key, _, _) = self.keys(room);
         let mut conn = self.shared.conn.clone();
-        let latest: Option<u64> = self.command(conn.get(&seq_key)).await?;
-        lock(&self.shared.rooms)
-            .entry(room.to_owned())
-            .or_default()
-            .last
-            .get_or_insert(latest.unwrap_or(0));
+        let (latest, epoch): (Option<u64>, Option<String>) = self
+            .command(
+                redis::pipe()
+                    .get(&seq_key)
+                    .get(self.epoch_key(room))
+                    .query_async(&mut conn),
+            )
+            .await?;
+        {
+            let mut rooms = lock(&self.shared.rooms);
+            let state = rooms.entry(room.to_owned()).or_default();
+            if state.last.is_none() {
+                state.last = Some(latest.unwrap_or(0));
+                state.epoch = epoch;
+            }
+        }
         let (done, confirmed) = tokio::sync::oneshot::channel();
         self.changes
             .send(Change::Subscribe(room.to_owned(), done))
@@ -453,6 +478,7 @@ impl Broker for RedisBroker {
             .key(seq_key)
             .key(stream_key)
             .key(floor_key)
+            .key(self.epoch_key(room))
             .arg(frame_prefix(room))
             .arg(suffix)
             .arg(&mac)
@@ -461,19 +487,30 @@ impl Broker for RedisBroker {
             .arg(now_ms)
             .arg(now_ms.saturating_sub(max_age_ms))
             .arg(self.shared.channel(room))
-            .arg(ttl_ms);
+            .arg(ttl_ms)
+            .arg(new_epoch());
         self.command(invocation.invoke_async::<u64>(&mut conn))
             .await
     }
 
     async fn history(&self, room: &str, since: Option<u64>) -> Result<History, BrokerError> {
         let (seq_key, _, floor_key) = self.keys(room);
+        let epoch_key = self.epoch_key(room);
         let mut conn = self.shared.conn.clone();
-        let (latest, floor): (Option<u64>, Option<u64>) = self
+        // An empty room gets its epoch now, so the epoch a client is told
+        // stays the same when the first message arrives.
+        let (latest, floor, _, epoch): (Option<u64>, Option<u64>, Option<String>, String) = self
             .command(
                 redis::pipe()
                     .get(&seq_key)
                     .get(&floor_key)
+                    .cmd("SET")
+                    .arg(&epoch_key)
+                    .arg(new_epoch())
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(EMPTY_ROOM_EPOCH_TTL_MS)
+                    .get(&epoch_key)
                     .query_async(&mut conn),
             )
             .await?;
@@ -483,6 +520,7 @@ impl Broker for RedisBroker {
                 latest,
                 messages: Vec::new(),
                 complete: true,
+                epoch,
             });
         };
         let (from, complete) = if since > latest {
@@ -496,6 +534,7 @@ impl Broker for RedisBroker {
             latest,
             messages,
             complete,
+            epoch,
         })
     }
 
@@ -633,6 +672,35 @@ async fn catch_up(shared: &Shared, room: &str, until: Option<u64>) {
     }
 }
 
+/// Records the epoch of a message; true when it differs from the one known
+/// (the sequence restarted), in which case the delivery state starts over.
+fn restarted(shared: &Shared, room: &str, epoch: &str) -> bool {
+    let mut rooms = lock(&shared.rooms);
+    let Some(state) = rooms.get_mut(room) else {
+        return false;
+    };
+    match &state.epoch {
+        Some(known) if known == epoch => false,
+        Some(_) => {
+            state.epoch = Some(epoch.to_owned());
+            state.last = Some(0);
+            true
+        }
+        None => {
+            state.epoch = Some(epoch.to_owned());
+            false
+        }
+    }
+}
+
+/// How long the epoch of a room that has seen no message yet is kept.
+const EMPTY_ROOM_EPOCH_TTL_MS: u64 = 14 * 86_400 * 1000;
+
+/// A fresh epoch value.
+fn new_epoch() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// Delivers one message if it is the next one for this node.
 fn deliver_message(shared: &Shared, room: &str, seq: u64, frame: Utf8Bytes) {
     {
@@ -664,9 +732,19 @@ async fn on_bus_message(shared: &Shared, channel: &str, payload: &[u8]) {
     };
     match kind {
         "m" => {
-            let Some((seq, frame)) = verified_message(shared, room, mac, content) else {
+            let Some((epoch, frame)) = content.split_once('\n') else {
+                return rejected("malformed");
+            };
+            let Some((seq, frame)) = verified_message(shared, room, mac, frame) else {
                 return rejected("mac");
             };
+            if restarted(shared, room, epoch) {
+                warn!(
+                    event = "broker.room_restarted",
+                    room, "the room's sequence restarted in Redis"
+                );
+                shared.deliver(room, &RoomEvent::Reset);
+            }
             let last = lock(&shared.rooms).get(room).and_then(|r| r.last);
             if last.is_some_and(|last| seq > last + 1) {
                 catch_up(shared, room, Some(seq)).await;

@@ -9,8 +9,8 @@ use tracing::{debug, info, warn};
 
 use super::{JoinedRoom, Session, count_refusal};
 use crate::auth::jwt::TokenError;
-use crate::hub::JoinError;
 use crate::hub::broker::{DeleteOutcome, Draft};
+use crate::hub::{JoinError, JoinRequest};
 use crate::protocol::{
     ClientFrame, Delete, Disconnect, ErrorCode, FrameError, Join, Kick, Leave, Payload, Refresh,
     Send, Sender, ServerFrame,
@@ -140,7 +140,15 @@ impl Session {
         let (joined, membership) = self
             .state
             .hub
-            .join(&join.room, self.member_handle(), join.since)
+            .join(
+                &join.room,
+                self.member_handle(),
+                JoinRequest {
+                    since: join.since,
+                    epoch: join.epoch.as_deref(),
+                    e2e: policy.e2e,
+                },
+            )
             .await
             .map_err(|e| match e {
                 JoinError::Full => FrameError::new(ErrorCode::Forbidden, "the room is full"),

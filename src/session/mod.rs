@@ -383,10 +383,15 @@ impl Session {
                 debug!(event = "frame.refused", reason = "too_fragmented");
                 Some(Disconnect::TooLarge)
             }
+            // A peer that vanishes (a browser leaving the page, a dropped
+            // network) is the end of the session, not a protocol violation.
             Some(Err(
                 tungstenite::Error::ConnectionClosed
                 | tungstenite::Error::AlreadyClosed
-                | tungstenite::Error::Io(_),
+                | tungstenite::Error::Io(_)
+                | tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+                ),
             )) => Some(Disconnect::Normal),
             Some(Err(e)) => {
                 count_refusal("protocol_error");

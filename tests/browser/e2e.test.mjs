@@ -109,13 +109,14 @@ describe("an end-to-end encrypted room", { timeout: 120_000 }, () => {
     }
   });
 
-  test("the server refuses plain text in the room, and the page says what to do", async () => {
+  test("plain text never leaves for the room: the server refuses it and the page asks for the key", async () => {
     observer.send({ type: "send", room: ROOM, id: "plain-1", body: "not encrypted" });
     const refusal = await observer.next((f) => f.type === "error" && f.ref === "plain-1");
     assert.equal(refusal.code, "encrypted_room");
 
     // Dave joins without marking the room as encrypted: his page learns it
-    // from the refusal and asks for the key; nothing was relayed.
+    // from `joined` (e2e: true), keeps the text and asks for the key instead
+    // of sending it in clear; nothing is relayed.
     const dave = await openUser(browser, chatUrl(server.origin, await server.token("dave", "Dave")));
     await waitLive(dave.page);
     await joinWithForm(dave.page, ROOM);

@@ -209,6 +209,22 @@ describe("reconnecting", () => {
     assert.deepEqual(t.of("invalid"), []);
   });
 
+  test("rejoins with the room's epoch; a new epoch means the sequence restarted", () => {
+    const t = setup();
+    connectLive(t);
+    t.client.join("general");
+    t.ws().receive({ type: "joined", room: "general", seq: 12, recovered: true, epoch: "e1" });
+    t.ws().drop(1001, "shutting_down");
+    t.clock.advance(t.of("state").at(-1).delayMs);
+    t.ws().receive(welcome(t.clock));
+    assert.deepEqual(t.ws().sentOf("join"), [{ type: "join", room: "general", since: 12, epoch: "e1" }]);
+    // The room went on past 12 in a new run: the server replays all it holds.
+    t.ws().receive({ type: "joined", room: "general", seq: 30, recovered: false, epoch: "e2" });
+    assert.deepEqual(t.of("gap"), [{ type: "gap", room: "general", since: 12, seq: 30, restarted: true }]);
+    t.ws().receive(message("general", 3, "replayed", t.clock));
+    assert.deepEqual(t.of("message").map((m) => m.body), ["replayed"], "low seqs of the new run are not duplicates");
+  });
+
   test("a room left while disconnected is not joined again", async () => {
     const t = setup();
     connectLive(t);
