@@ -449,7 +449,22 @@ audit_file = "../audit.log"
     }
     ws.close(None).await.unwrap();
     drop(ws);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGHUP reloads the certificate and keys (audit events).
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("a reload line");
+        if line.contains("keys.reloaded") {
+            break;
+        }
+    }
     assert!(
         Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
@@ -469,6 +484,7 @@ audit_file = "../audit.log"
         "conn.close",
         "audit.delete",
         "audit.token_refreshed",
+        "tls.reloaded",
     ] {
         assert!(
             logs.contains(event),
@@ -483,10 +499,17 @@ audit_file = "../audit.log"
     }
     let audit_path = dir.path().join("audit.log");
     let audit = std::fs::read_to_string(&audit_path).unwrap();
-    assert!(
-        audit.contains("audit.delete") && audit.contains("audit.token_refreshed"),
-        "{audit}"
-    );
+    for event in [
+        "audit.delete",
+        "audit.token_refreshed",
+        "tls.reloaded",
+        "keys.reloaded",
+    ] {
+        assert!(
+            audit.contains(event),
+            "{event} missing from the audit file:\n{audit}"
+        );
+    }
     assert!(
         !audit.contains("conn.open"),
         "only audit events go to the audit file"
