@@ -1,0 +1,170 @@
+//! `fanout`: M members in one room, S of them sending at a fixed total rate.
+//! Deliveries per second, loss, latency to every recipient and to the last
+//! recipient of each message, server CPU per delivery.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use super::room::{DRAIN, Role, Room, WARMUP, WINDOW_A};
+use crate::procfs::{Meters, Proc};
+use crate::target::{Target, TargetArgs};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Members of the room (senders included: every member receives every message).
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// Members that also send.
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Messages per second, all senders together (deliveries per second is
+    /// this times the members).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Bytes of each message body.
+    #[arg(long, default_value_t = 64)]
+    pub body_bytes: usize,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+}
+
+pub async fn run(args: Args) -> Result<Value, String> {
+    let senders = args.senders.clamp(1, args.members.max(1));
+    let target = Target::new(&args.target, args.members)?;
+    let capacity = (args.rate * (args.warmup + args.duration + 5.0) * 1.2) as usize + 1024;
+    let room = Room::new(target.clone(), args.body_bytes, capacity);
+    let bar = super::bar(args.members as u64, "fanout");
+    bar.set_message("connecting");
+    let connected = connect(&room, &args, senders, &bar).await;
+    if connected.ok < args.members as u64 {
+        room.stop();
+        bar.finish_and_clear();
+        return Err(format!(
+            "only {} of {} members connected: {:?}",
+            connected.ok, args.members, connected.errors
+        ));
+    }
+    let recipients = args.members as u32;
+    let server = target.server.clone().unwrap_or_else(Proc::me);
+
+    room.set_phase(WARMUP);
+    super::timed(&bar, args.warmup, || "warming up".into()).await;
+
+    room.set_phase(WINDOW_A);
+    let meters = Meters::start(&server);
+    let room2 = room.clone();
+    super::timed(&bar, args.duration, move || {
+        format!("{} deliveries", room2.arrived(WINDOW_A))
+    })
+    .await;
+    let (server_cpu, my_cpu, other_cpu, secs) = meters.read();
+    let memory = super::memory_json(&server);
+    room.set_phase(DRAIN);
+    bar.set_message("draining");
+    let drain_secs = room.drain(recipients, Duration::from_secs(10)).await;
+    room.stop();
+    bar.finish_and_clear();
+
+    let window = room.window_json(WINDOW_A, secs, recipients);
+    let arrived = room.arrived(WINDOW_A) as f64;
+    let mut m = super::head("fanout", &target);
+    m.insert("variant".into(), json!(variant(&args)));
+    m.insert(
+        "params".into(),
+        json!({
+            "members": args.members,
+            "senders": senders,
+            "rate_msgs": args.rate,
+            "offered_deliveries_per_sec": args.rate * args.members as f64,
+            "body_bytes": args.body_bytes,
+            "warmup": args.warmup,
+            "duration": args.duration,
+        }),
+    );
+    m.insert("connect".into(), connected.json());
+    m.insert("window".into(), window);
+    m.insert("drain_secs".into(), json!(drain_secs));
+    m.insert(
+        "server_cpu".into(),
+        json!({
+            "secs": server_cpu,
+            "utilisation": server_cpu / secs,
+            "us_per_delivery": if arrived > 0.0 { server_cpu * 1e6 / arrived } else { 0.0 },
+        }),
+    );
+    m.insert(
+        "load_cpu".into(),
+        json!({ "secs": my_cpu, "utilisation": my_cpu / secs }),
+    );
+    m.insert("other_cores".into(), json!(other_cpu / secs));
+    m.insert("server_memory".into(), memory);
+    m.insert(
+        "send_errors".into(),
+        json!(room.send_errors.load(Ordering::Relaxed)),
+    );
+    m.insert("endings".into(), room.endings.json());
+    Ok(Value::Object(m))
+}
+
+/// A short name for this load, as the report groups runs.
+pub fn variant(args: &Args) -> String {
+    format!(
+        "{}x{}",
+        args.members,
+        (args.rate * args.members as f64).round() as u64
+    )
+}
+
+/// Connects every member; the first `senders` send, each every
+/// `senders / rate` seconds, staggered so the total rate is even.
+pub async fn connect(
+    room: &Arc<Room>,
+    args: &Args,
+    senders: usize,
+    bar: &indicatif::ProgressBar,
+) -> super::Connected {
+    connect_with_roles(room, args, senders, bar, move |i| {
+        if i < senders {
+            Role::Sender
+        } else {
+            Role::Receiver
+        }
+    })
+    .await
+}
+
+/// Connects every member with the role `role_of(index)` gives it.
+pub async fn connect_with_roles(
+    room: &Arc<Room>,
+    args: &Args,
+    senders: usize,
+    bar: &indicatif::ProgressBar,
+    role_of: impl Fn(usize) -> Role + Clone + Send + Sync + 'static,
+) -> super::Connected {
+    let period = Duration::from_secs_f64(senders as f64 / args.rate.max(0.001));
+    let room2 = room.clone();
+    super::connect_members(
+        &room.target,
+        0..args.members,
+        args.target.connect_concurrency,
+        bar,
+        move |index, ws| {
+            let room = room2.clone();
+            let role = role_of(index);
+            // Senders tick one stagger step apart; they send nothing until
+            // the room leaves its set-up phase.
+            let first = tokio::time::Instant::now() + period.mul_f64(index as f64 / senders as f64);
+            room.member(ws, role, period, first)
+        },
+    )
+    .await
+}

@@ -1,0 +1,311 @@
+//! One room under load, shared by `fanout` and `slow`: members that receive,
+//! some of which also send at a fixed total rate, and the bookkeeping of
+//! every delivery (latency, loss, the last recipient of each message).
+//!
+//! Each message body is `seq:sent_at_ns:phase:padding`, where `sent_at_ns`
+//! is the monotonic time since the start of this process, so receivers in the
+//! same process compute the end-to-end latency. The phase tells which window
+//! the message was sent in.
+
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::Endings;
+use crate::stats::{self, Latency};
+use crate::target::{Target, Ws, close_code};
+
+/// Messages sent before measuring.
+pub const WARMUP: u8 = 0;
+/// The first measured window.
+pub const WINDOW_A: u8 = 1;
+/// The second measured window (`slow`: with stalled receivers).
+pub const WINDOW_B: u8 = 2;
+/// Senders are quiet: while members connect, and at the end while the
+/// bench waits for the last deliveries.
+pub const DRAIN: u8 = 3;
+const PHASES: usize = 4;
+
+/// What a member does.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Receives and sends.
+    Sender,
+    /// Receives; its deliveries are measured.
+    Receiver,
+    /// Receives unmeasured; stops reading when the room is told to stall.
+    Victim,
+}
+
+/// Everything the members of one room share.
+pub struct Room {
+    pub target: Arc<Target>,
+    epoch: Instant,
+    phase: AtomicU8,
+    /// Set: victims stop reading.
+    stall: AtomicBool,
+    seq: AtomicU64,
+    /// Bytes of padding after the timestamp in each body.
+    pad: String,
+    /// Messages sent, by phase.
+    sent: [AtomicU64; PHASES],
+    /// Deliveries to measured members of messages sent in each phase.
+    delivered: [AtomicU64; PHASES],
+    /// Deliveries to any member, by the phase current when they arrived.
+    arrived: [AtomicU64; PHASES],
+    /// Every delivery to a measured member, by the phase it was sent in.
+    latency: [Mutex<Histogram<u64>>; PHASES],
+    /// Per message: measured recipients so far, the largest latency (ns),
+    /// the phase it was sent in.
+    per_message: Vec<(AtomicU32, AtomicU64, AtomicU8)>,
+    pub send_errors: AtomicU64,
+    pub endings: Endings,
+    stop: watch::Sender<bool>,
+}
+
+impl Room {
+    /// A room for messages up to `capacity` (sequence numbers past it are
+    /// delivered but not tracked per message).
+    pub fn new(target: Arc<Target>, body_bytes: usize, capacity: usize) -> Arc<Self> {
+        let (stop, _) = watch::channel(false);
+        Arc::new(Self {
+            target,
+            epoch: Instant::now(),
+            // Nothing is sent until every member is in.
+            phase: AtomicU8::new(DRAIN),
+            stall: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+            pad: "x".repeat(body_bytes.saturating_sub(24)),
+            sent: Default::default(),
+            delivered: Default::default(),
+            arrived: Default::default(),
+            latency: std::array::from_fn(|_| Mutex::new(stats::histogram())),
+            per_message: (0..capacity)
+                .map(|_| (AtomicU32::new(0), AtomicU64::new(0), AtomicU8::new(u8::MAX)))
+                .collect(),
+            send_errors: AtomicU64::new(0),
+            endings: Endings::default(),
+            stop,
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    pub fn set_phase(&self, phase: u8) {
+        self.phase.store(phase, Ordering::Release);
+    }
+
+    pub fn stall_victims(&self) {
+        self.stall.store(true, Ordering::Release);
+    }
+
+    /// Ends every member task.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn sent_total(&self) -> u64 {
+        self.sent.iter().map(|a| a.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn arrived(&self, phase: u8) -> u64 {
+        self.arrived[phase as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn sent(&self, phase: u8) -> u64 {
+        self.sent[phase as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn delivered(&self, phase: u8) -> u64 {
+        self.delivered[phase as usize].load(Ordering::Relaxed)
+    }
+
+    /// Deliveries of every message sent so far to `measured` members.
+    pub fn delivered_total(&self) -> u64 {
+        self.delivered
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// A delivery arrived at a member.
+    fn on_text(&self, text: &str, measured: bool) {
+        let Some(body) = self.target.delivered_body(text) else {
+            return;
+        };
+        let now = self.now_ns();
+        let current = self.phase.load(Ordering::Relaxed) as usize;
+        self.arrived[current.min(PHASES - 1)].fetch_add(1, Ordering::Relaxed);
+        if !measured {
+            return;
+        }
+        let mut parts = body.splitn(4, ':');
+        let (Some(seq), Some(sent_at), Some(phase)) = (
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+            parts.next().and_then(|s| s.parse::<u64>().ok()),
+            parts.next().and_then(|s| s.parse::<usize>().ok()),
+        ) else {
+            return;
+        };
+        let phase = phase.min(PHASES - 1);
+        let latency = now.saturating_sub(sent_at);
+        self.delivered[phase].fetch_add(1, Ordering::Relaxed);
+        stats::record_ns(
+            &mut self.latency[phase].lock().expect("not poisoned"),
+            latency,
+        );
+        if let Some((count, max, _)) = self.per_message.get(seq as usize) {
+            count.fetch_add(1, Ordering::Relaxed);
+            max.fetch_max(latency, Ordering::Relaxed);
+        }
+    }
+
+    /// The next frame to send, and its phase; `None` once draining.
+    fn next_frame(&self) -> Option<tokio_tungstenite::tungstenite::Utf8Bytes> {
+        let phase = self.phase.load(Ordering::Acquire);
+        if phase >= DRAIN {
+            return None;
+        }
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        if let Some((_, _, p)) = self.per_message.get(seq as usize) {
+            p.store(phase, Ordering::Relaxed);
+        }
+        self.sent[phase as usize].fetch_add(1, Ordering::Relaxed);
+        let body = format!("{seq}:{}:{phase}:{}", self.now_ns(), self.pad);
+        Some(self.target.send_frame(seq, &body))
+    }
+
+    /// A member's task: reads (and, for a sender, sends every `period`,
+    /// starting at `first`) until the room stops.
+    pub async fn member(
+        self: Arc<Self>,
+        mut ws: Ws,
+        role: Role,
+        period: Duration,
+        first: tokio::time::Instant,
+    ) {
+        let mut stop = self.stop.subscribe();
+        if *stop.borrow_and_update() {
+            return;
+        }
+        // The flag only ever goes from false to true: a change is the stop.
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
+        let mut tick = tokio::time::interval_at(first, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let measured = role != Role::Victim;
+        let mut code = None;
+        let mut told = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => {
+                    told = true;
+                    break;
+                }
+                _ = tick.tick(), if role == Role::Sender => {
+                    if let Some(frame) = self.next_frame()
+                        && ws.send(Message::Text(frame)).await.is_err()
+                    {
+                        self.send_errors.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+                frame = ws.next() => match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        self.on_text(&text, measured);
+                        if role == Role::Victim && self.stall.load(Ordering::Acquire) {
+                            // Stop reading: hold the socket until the end.
+                            let _ = (&mut stopped).await;
+                            told = true;
+                            break;
+                        }
+                    }
+                    Some(Ok(message @ Message::Close(_))) => {
+                        code = close_code(&message);
+                        break;
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+            }
+        }
+        if !told {
+            self.endings.record(code);
+        }
+    }
+
+    /// Latency to every measured recipient of the messages sent in `phase`.
+    pub fn latency(&self, phase: u8) -> Latency {
+        Latency::of(&self.latency[phase as usize].lock().expect("not poisoned"))
+    }
+
+    /// Latency to the last measured recipient of each message sent in
+    /// `phase` that reached all `recipients`, and how many did not.
+    pub fn last_recipient(&self, phase: u8, recipients: u32) -> (Latency, u64) {
+        let mut h = stats::histogram();
+        let mut incomplete = 0;
+        let sent = self.seq.load(Ordering::Relaxed) as usize;
+        for (count, max, p) in self.per_message.iter().take(sent) {
+            if p.load(Ordering::Relaxed) != phase {
+                continue;
+            }
+            if count.load(Ordering::Relaxed) >= recipients {
+                stats::record_ns(&mut h, max.load(Ordering::Relaxed));
+            } else {
+                incomplete += 1;
+            }
+        }
+        (Latency::of(&h), incomplete)
+    }
+
+    /// The measured figures of one window.
+    pub fn window_json(&self, phase: u8, secs: f64, recipients: u32) -> Value {
+        let sent = self.sent(phase);
+        let expected = sent * recipients as u64;
+        let delivered = self.delivered(phase);
+        let (last, incomplete) = self.last_recipient(phase, recipients);
+        json!({
+            "secs": secs,
+            "sent": sent,
+            "sent_per_sec": sent as f64 / secs,
+            "arrived": self.arrived(phase),
+            "deliveries_per_sec": self.arrived(phase) as f64 / secs,
+            "expected": expected,
+            "delivered": delivered,
+            "loss": if expected == 0 { 0.0 } else { 1.0 - delivered.min(expected) as f64 / expected as f64 },
+            "latency": self.latency(phase),
+            "last_recipient": last,
+            "incomplete_messages": incomplete,
+        })
+    }
+
+    /// Waits (at most `max`) until every message sent so far has reached
+    /// every measured member, or deliveries stop coming for a second.
+    pub async fn drain(&self, recipients: u32, max: Duration) -> f64 {
+        let started = Instant::now();
+        let mut last = (self.delivered_total(), Instant::now());
+        while started.elapsed() < max {
+            let expected = self.sent_total() * recipients as u64;
+            let delivered = self.delivered_total();
+            if delivered >= expected {
+                break;
+            }
+            if delivered != last.0 {
+                last = (delivered, Instant::now());
+            } else if last.1.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        started.elapsed().as_secs_f64()
+    }
+}

@@ -1,0 +1,330 @@
+//! The server under test and how to reach it: TCP from a spread of loopback
+//! source addresses, TLS, the WebSocket upgrade, and the two protocol modes.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+use crate::procfs::Proc;
+use crate::tls::Kx;
+use crate::token::Minter;
+
+/// One client connection.
+pub type Ws = WebSocketStream<TlsStream<TcpStream>>;
+
+/// What the bench speaks once connected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// securechat v1: token on the upgrade, `join` then `send`; deliveries
+    /// are `message` frames.
+    Securechat,
+    /// The peers: any text sent is broadcast as-is to every client.
+    Raw,
+}
+
+/// Where the server is and how to talk to it; shared by every scenario.
+#[derive(clap::Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// The server: wss://127.0.0.1:PORT/PATH (loopback only).
+    #[arg(long)]
+    pub url: String,
+    /// securechat frames, or raw text for the peers.
+    #[arg(long, value_enum, default_value = "securechat")]
+    pub protocol: Proto,
+    /// The server's process id, for memory and CPU from /proc.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// A name for the server in the summary line.
+    #[arg(long, default_value = "server")]
+    pub server_name: String,
+    /// securechat: the HS256 secret the server verifies tokens with.
+    #[arg(long)]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// securechat: the key id in the token header.
+    #[arg(long, default_value = "bench")]
+    pub kid: String,
+    /// securechat: the room every member joins.
+    #[arg(long, default_value = "bench")]
+    pub room: String,
+    /// Verify the server's certificate against this CA (default: no
+    /// verification, bench only).
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Key exchange groups offered.
+    #[arg(long, value_enum, default_value = "x25519")]
+    pub kx: Kx,
+    /// Source addresses 127.0.0.1 ..= 127.0.0.N, used in turn, so that many
+    /// connections do not run out of ephemeral ports (0: one per 5,000
+    /// connections, plus one, which also keeps `bind` quick).
+    #[arg(long, default_value_t = 0)]
+    pub source_ips: u8,
+    /// Connections being set up at once.
+    #[arg(long, default_value_t = 64)]
+    pub connect_concurrency: usize,
+    /// Client read buffer per connection (tungstenite), bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub read_buffer: usize,
+}
+
+/// A resolved target, shared by every connection task.
+pub struct Target {
+    pub proto: Proto,
+    pub server: Option<Proc>,
+    pub server_name: String,
+    pub room: String,
+    addr: SocketAddr,
+    url: String,
+    tls: TlsConnector,
+    minter: Option<Minter>,
+    source_ips: u8,
+    ws_config: WebSocketConfig,
+    /// Close with RST instead of FIN: no TIME_WAIT pile-up on the source
+    /// addresses, which would slow the next run's `bind` (and handshake
+    /// loops would run out of ports).
+    pub zero_linger: bool,
+    /// The TLS version, cipher suite and key exchange group of the first
+    /// connection, for the summary.
+    pub negotiated: std::sync::OnceLock<String>,
+    /// A small receive buffer for the connections it picks (`slow`: stalled
+    /// receivers back up into the server soon, not into the kernel).
+    pub small_rcvbuf: Option<(PickFn, u32)>,
+}
+
+/// Picks connections by index.
+pub type PickFn = Arc<dyn Fn(usize) -> bool + Send + Sync>;
+
+impl Target {
+    /// `expected_connections` sizes the spread of source addresses.
+    pub fn new(args: &TargetArgs, expected_connections: usize) -> Result<Arc<Self>, String> {
+        let rest = args
+            .url
+            .strip_prefix("wss://")
+            .ok_or("--url must start with wss://")?;
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let addr: SocketAddr = authority
+            .replace("localhost", "127.0.0.1")
+            .parse()
+            .map_err(|_| format!("--url: {authority:?} is not IP:PORT"))?;
+        if !addr.ip().is_loopback() {
+            return Err(format!(
+                "--url: {} is not a loopback address; the bench only loads servers on this machine",
+                addr.ip()
+            ));
+        }
+        let minter = match (&args.jwt_secret_file, args.protocol) {
+            (Some(path), _) => Some(Minter::from_file(path, &args.kid)?),
+            (None, Proto::Securechat) => {
+                return Err("--protocol securechat needs --jwt-secret-file".into());
+            }
+            (None, Proto::Raw) => None,
+        };
+        let source_ips = if args.source_ips == 0 {
+            (expected_connections / 5_000 + 1).min(250) as u8
+        } else {
+            args.source_ips
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        Ok(Arc::new(Self {
+            proto: args.protocol,
+            server: args.server_pid.map(Proc::pid),
+            server_name: args.server_name.clone(),
+            room: args.room.clone(),
+            addr,
+            url: format!("wss://localhost:{}{path}", addr.port()),
+            tls: TlsConnector::from(crate::tls::client_config(args.ca.as_deref(), args.kx)?),
+            minter,
+            source_ips,
+            ws_config: WebSocketConfig::default()
+                .read_buffer_size(args.read_buffer)
+                .write_buffer_size(0)
+                .max_message_size(Some(1 << 20))
+                .max_frame_size(Some(1 << 20)),
+            zero_linger: true,
+            small_rcvbuf: None,
+            negotiated: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// The source address of connection number `index`.
+    fn source(&self, index: usize) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            1 + (index % self.source_ips as usize) as u8,
+        ))
+    }
+
+    /// TCP, TLS and the upgrade for connection `index` as user `sub`, within
+    /// `timeout`. Returns the socket and how long the three took.
+    pub async fn connect(
+        &self,
+        index: usize,
+        sub: &str,
+        timeout: Duration,
+    ) -> Result<(Ws, Duration), String> {
+        let started = Instant::now();
+        match tokio::time::timeout(timeout, self.connect_inner(index, sub)).await {
+            Ok(Ok(ws)) => Ok((ws, started.elapsed())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("timeout".into()),
+        }
+    }
+
+    async fn connect_inner(&self, index: usize, sub: &str) -> Result<Ws, String> {
+        let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+        socket
+            .bind(SocketAddr::new(self.source(index), 0))
+            .map_err(|e| format!("bind: {e}"))?;
+        if self.zero_linger {
+            socket
+                .set_zero_linger()
+                .map_err(|e| format!("linger: {e}"))?;
+        }
+        if let Some((pick, bytes)) = &self.small_rcvbuf
+            && pick(index)
+        {
+            socket
+                .set_recv_buffer_size(*bytes)
+                .map_err(|e| format!("rcvbuf: {e}"))?;
+        }
+        socket
+            .set_nodelay(true)
+            .map_err(|e| format!("nodelay: {e}"))?;
+        let tcp = socket
+            .connect(self.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name = ServerName::try_from("localhost").expect("a valid name");
+        let tls = self
+            .tls
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        if self.negotiated.get().is_none() {
+            let conn = tls.get_ref().1;
+            let show = |v: Option<String>| v.unwrap_or_else(|| "?".into());
+            let _ = self.negotiated.set(format!(
+                "{} {} {}",
+                show(conn.protocol_version().map(|v| format!("{v:?}"))),
+                show(
+                    conn.negotiated_cipher_suite()
+                        .map(|s| format!("{:?}", s.suite()))
+                ),
+                show(
+                    conn.negotiated_key_exchange_group()
+                        .map(|g| format!("{:?}", g.name()))
+                ),
+            ));
+        }
+        let mut request = self
+            .url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| format!("request: {e}"))?;
+        if let Some(minter) = &self.minter {
+            let headers = request.headers_mut();
+            headers.insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static("securechat.v1"),
+            );
+            let token = minter.mint(sub, 3 * 3600);
+            headers.insert(
+                "Authorization",
+                HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?,
+            );
+        }
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config))
+                .await
+                .map_err(|e| format!("upgrade: {e}"))?;
+        Ok(ws)
+    }
+
+    /// Connects and, for securechat, waits for `welcome`, joins the room and
+    /// waits for `joined`. Peers need nothing more (Bun subscribes on open).
+    pub async fn connect_member(
+        &self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(Ws, Duration), String> {
+        let started = Instant::now();
+        let (mut ws, _) = self.connect(index, &format!("u{index}"), timeout).await?;
+        if self.proto == Proto::Securechat {
+            let join = format!(r#"{{"type":"join","room":"{}"}}"#, self.room);
+            ws.send(Message::Text(join.into()))
+                .await
+                .map_err(|e| format!("join: {e}"))?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let frame = tokio::time::timeout_at(deadline, ws.next())
+                    .await
+                    .map_err(|_| "join: timeout".to_string())?;
+                match frame {
+                    Some(Ok(Message::Text(text))) if text.contains(r#""type":"joined""#) => break,
+                    Some(Ok(Message::Text(text))) if text.contains(r#""type":"error""#) => {
+                        return Err(format!("join refused: {text}"));
+                    }
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(format!("closed while joining: {frame:?}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(format!("join: {e}")),
+                    None => return Err("closed while joining".into()),
+                }
+            }
+        }
+        Ok((ws, started.elapsed()))
+    }
+
+    /// The frame that sends `body` to the room.
+    pub fn send_frame(&self, seq: u64, body: &str) -> Utf8Bytes {
+        match self.proto {
+            Proto::Securechat => format!(
+                r#"{{"type":"send","room":"{}","id":"{seq}","body":"{body}"}}"#,
+                self.room
+            )
+            .into(),
+            Proto::Raw => body.to_owned().into(),
+        }
+    }
+
+    /// The body of a delivered message, or `None` for other frames (`ack`,
+    /// `welcome`, ...).
+    pub fn delivered_body<'a>(&self, text: &'a str) -> Option<&'a str> {
+        match self.proto {
+            Proto::Raw => Some(text),
+            Proto::Securechat => {
+                // Frames are small JSON objects whose `type` comes first.
+                if !text.get(..32)?.contains(r#""type":"message""#) {
+                    return None;
+                }
+                let start = text.find(r#""body":""#)? + 8;
+                let len = text[start..].find('"')?;
+                Some(&text[start..start + len])
+            }
+        }
+    }
+}
+
+/// The close code a frame carries, 1005 (none) when it has none.
+pub fn close_code(message: &Message) -> Option<u16> {
+    match message {
+        Message::Close(Some(frame)) => Some(u16::from(frame.code)),
+        Message::Close(None) => Some(1005),
+        _ => None,
+    }
+}
