@@ -178,6 +178,43 @@ fn dev_mode_refuses_public_addresses() {
     assert!(!ok && out.contains("loopback"), "{out}");
 }
 
+/// Opens a WebSocket to a server run from the binary on `port`, trusting
+/// `ca`, with `origin` and one credential header.
+async fn connect_to_binary(
+    port: u16,
+    ca: &str,
+    origin: &str,
+    (name, value): (&str, String),
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = common::client_tls_config(ca, &[b"http/1.1"], None);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let mut req = http::Request::builder()
+        .uri(format!("wss://localhost:{port}/ws"))
+        .header("Host", format!("localhost:{port}"))
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .header("Sec-WebSocket-Protocol", "securechat.v1")
+        .header("Origin", origin)
+        .body(())
+        .unwrap();
+    req.headers_mut().insert(
+        http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+        value.parse().unwrap(),
+    );
+    tokio_tungstenite::client_async(req, tls).await.unwrap().0
+}
+
 /// `serve --dev` prints a URL and a token that work, and stops on SIGTERM.
 #[cfg(unix)]
 #[tokio::test]
@@ -215,30 +252,14 @@ async fn dev_mode_serves_with_the_printed_token_and_stops_on_sigterm() {
         }
     };
     let ca = std::fs::read_to_string(ca_path.expect("a CA path")).unwrap();
-    let config = common::client_tls_config(&ca, &[b"http/1.1"], None);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let req = http::Request::builder()
-        .uri(format!("wss://localhost:{port}/ws"))
-        .header("Host", format!("localhost:{port}"))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .header("Sec-WebSocket-Protocol", "securechat.v1")
-        .header("Origin", format!("https://localhost:{port}"))
-        .header("Authorization", format!("Bearer {token}"))
-        .body(())
-        .unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let origin = format!("https://localhost:{port}");
+    let mut ws = connect_to_binary(
+        port,
+        &ca,
+        &origin,
+        ("Authorization", format!("Bearer {token}")),
+    )
+    .await;
     use futures_util::{SinkExt, StreamExt};
     let welcome = ws.next().await.unwrap().unwrap().into_text().unwrap();
     assert!(welcome.contains("\"welcome\""), "{welcome}");
@@ -402,32 +423,14 @@ audit_file = "../audit.log"
     let token = mint("alice");
     let refresh = mint("alice");
     let ca = std::fs::read_to_string(dir.path().join("certs/ca.crt")).unwrap();
-    let tls_config = common::client_tls_config(&ca, &[b"http/1.1"], None);
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_config))
-        .connect(
-            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let req = http::Request::builder()
-        .uri(format!("wss://localhost:{port}/ws"))
-        .header("Host", format!("localhost:{port}"))
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
-        .header("Sec-WebSocket-Version", "13")
-        .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .header(
-            "Sec-WebSocket-Protocol",
-            format!("securechat.v1, securechat.bearer.{token}"),
-        )
-        .header("Origin", "https://chat.test")
-        .body(())
-        .unwrap();
-    let (mut ws, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let protocols = format!("securechat.v1, securechat.bearer.{token}");
+    let mut ws = connect_to_binary(
+        port,
+        &ca,
+        "https://chat.test",
+        ("Sec-WebSocket-Protocol", protocols),
+    )
+    .await;
     let canary = "CANARY-message-text-7f3a";
     for frame in [
         serde_json::json!({"type": "join", "room": "general"}),
