@@ -44,6 +44,18 @@ pub struct History {
     pub epoch: String,
 }
 
+/// Where a replay after `since` starts, and whether it can be complete,
+/// given the room's latest seq and the highest seq dropped from history. A
+/// `since` beyond the latest seq means the sequence restarted: replay all
+/// that is held, not recovered.
+pub fn replay_window(since: u64, latest: u64, evicted_through: u64) -> (u64, bool) {
+    if since > latest {
+        (0, false)
+    } else {
+        (since, since >= evicted_through)
+    }
+}
+
 /// The answer to a delete request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeleteOutcome {

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-use super::broker::{Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent};
+use super::broker::{
+    Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent, replay_window,
+};
 use crate::protocol::{MessageFrame, ServerFrame};
 use crate::rooms::HistoryBound;
 use crate::sync::lock;
@@ -175,13 +177,7 @@ impl Broker for MemoryBroker {
                 epoch: log.epoch.clone(),
             });
         };
-        // A `since` beyond the latest seq means the room's sequence restarted
-        // (a restart of this node): replay all that is held, not recovered.
-        let (from, complete) = if since > log.latest {
-            (0, false)
-        } else {
-            (since, since >= log.evicted_through)
-        };
+        let (from, complete) = replay_window(since, log.latest, log.evicted_through);
         let messages = log
             .history
             .iter()

@@ -35,7 +35,9 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::broker::{Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent};
+use super::broker::{
+    Broker, BrokerError, DeleteOutcome, Draft, EventSink, History, RoomEvent, replay_window,
+};
 use crate::config::{BrokerConfig, Secret};
 use crate::protocol::{MessageFrame, ServerFrame};
 use crate::rooms::HistoryBound;
@@ -523,11 +525,7 @@ impl Broker for RedisBroker {
                 epoch,
             });
         };
-        let (from, complete) = if since > latest {
-            (0, false)
-        } else {
-            (since, since >= floor)
-        };
+        let (from, complete) = replay_window(since, latest, floor);
         let messages = read_stream(&self.shared, room, from).await?;
         let latest = messages.last().map_or(latest, |(seq, _)| latest.max(*seq));
         Ok(History {
