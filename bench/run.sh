@@ -17,6 +17,7 @@
 #   FANOUT_RATES=a,b        offered deliveries/s (default 100000,800000)
 #   DURATION=S              seconds per measured window (default 10)
 #   SERVER_CPU=0 LOAD_CPU=1 the cores the servers and the load generator get
+#   UPDATE=1                keep the other runs of the last results, replace these
 #   SKIP_BUILD=1            use the binaries already in target/release
 #   SKIP_INSTALL=1          do not run bench/peers/install.sh
 #
@@ -59,6 +60,7 @@ args=()
 [ -n "${FANOUT_MEMBERS:-}" ] && args+=(--fanout-members "$FANOUT_MEMBERS")
 [ -n "${FANOUT_RATES:-}" ] && args+=(--fanout-rates "$FANOUT_RATES")
 [ -n "${DURATION:-}" ] && args+=(--duration "$DURATION")
+[ "${UPDATE:-}" = 1 ] && args+=(--update)
 echo "== suite ${args[*]:-}"
 exec taskset -c "${LOAD_CPU:-1}" target/release/securechat-bench suite \
   --server-cpu "${SERVER_CPU:-0}" --load-cpu "${LOAD_CPU:-1}" "${args[@]}"

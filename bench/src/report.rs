@@ -272,7 +272,12 @@ const SLOW_ROWS: &[Row] = &[
         1.0 / 1048576.0,
         1,
     ),
-    row("members closed by the server", "/endings/ended", 1.0, 0),
+    row(
+        "reading members closed by the server",
+        "/endings/ended",
+        1.0,
+        0,
+    ),
     row(
         "server descriptors before the stall",
         "/server_memory/before/fds",
@@ -280,7 +285,7 @@ const SLOW_ROWS: &[Row] = &[
         0,
     ),
     row(
-        "server descriptors at the end",
+        "server descriptors at the end (stalled ones closed: fewer)",
         "/server_memory/after/fds",
         1.0,
         0,
@@ -478,6 +483,24 @@ fn header(out: &mut String, meta: &Value) {
         },
         meta["reps"]
     );
+    if let Some(updates) = meta["updates"].as_array() {
+        for u in updates {
+            let _ = writeln!(
+                out,
+                "- **Measured again** on {} (securechat commit {}): {}.",
+                u["date"].as_str().unwrap_or("?"),
+                u["securechat_commit"].as_str().unwrap_or("?"),
+                u["runs"]
+                    .as_array()
+                    .map(|r| r
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "- **Machine**: {} cores ({}), {:.0} GiB, Linux {}, open-file limit {} per process, clock ticks {}/s.",

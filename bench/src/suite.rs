@@ -97,6 +97,10 @@ pub struct Args {
     /// (default 15, quick 10).
     #[arg(long)]
     pub slow_stall: Option<f64>,
+    /// Keep the runs already in the results file, except those of the
+    /// scenarios and loads run now (to measure one scenario again).
+    #[arg(long)]
+    pub update: bool,
     /// Most CPU (in cores) other processes may use before a run; the suite
     /// waits up to a minute for the machine to calm down, then runs anyway
     /// and records it.
@@ -113,6 +117,8 @@ pub const PING_INTERVAL_SECS: u64 = 20;
 /// One scenario run, as the command line of the load generator.
 struct Plan {
     scenario: &'static str,
+    /// The load, as the summary names it (`variant`).
+    variant: String,
     /// The subcommand and its arguments (without the target).
     args: Vec<String>,
     /// Longest the run may take.
@@ -126,6 +132,9 @@ pub fn run(args: Args) -> Result<(), String> {
     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
     let setup = Setup::new(&args, &work)?;
     let mut results = json!({ "meta": meta(&args, reps, &setup), "runs": [] });
+    if args.update {
+        results = updated(&args, &plans, results)?;
+    }
     let total = plans.len() * reps * args.servers.len();
     let mut done = 0;
     let started = Instant::now();
@@ -165,6 +174,34 @@ pub fn run(args: Args) -> Result<(), String> {
         args.results.display()
     );
     crate::report::write(&results, &args.report, &args.charts, &args.notes)
+}
+
+/// The results file as it is, without the runs of `plans`, and noted as
+/// updated in its meta.
+fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
+    let Ok(text) = std::fs::read_to_string(&args.results) else {
+        return Ok(fresh);
+    };
+    let mut old: Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.results.display()))?;
+    let replaced = |r: &Value| {
+        plans
+            .iter()
+            .any(|p| r["suite_scenario"] == p.scenario && r["variant"] == p.variant.as_str())
+    };
+    if let Some(runs) = old["runs"].as_array_mut() {
+        runs.retain(|r| !replaced(r));
+    }
+    let note = json!({
+        "date": fresh["meta"]["date"],
+        "runs": plans.iter().map(|p| format!("{} {}", p.scenario, p.variant)).collect::<Vec<_>>(),
+        "securechat_commit": fresh["meta"]["securechat_commit"],
+    });
+    match old["meta"]["updates"].as_array_mut() {
+        Some(updates) => updates.push(note),
+        None => old["meta"]["updates"] = json!([note]),
+    }
+    Ok(old)
 }
 
 /// Runs a plan; when other processes took more than `max_background` cores
@@ -287,6 +324,7 @@ fn plans(args: &Args) -> Vec<Plan> {
         match scenario.as_str() {
             "idle" => plans.push(Plan {
                 scenario: "idle",
+                variant: idle.to_string(),
                 args: vec![
                     "idle".into(),
                     "--connections".into(),
@@ -298,6 +336,7 @@ fn plans(args: &Args) -> Vec<Plan> {
             }),
             "capacity" => plans.push(Plan {
                 scenario: "capacity",
+                variant: capacity.to_string(),
                 args: vec![
                     "idle".into(),
                     "--connections".into(),
@@ -311,6 +350,7 @@ fn plans(args: &Args) -> Vec<Plan> {
                 for rate in &rates {
                     plans.push(Plan {
                         scenario: "fanout",
+                        variant: format!("{members}x{}", rate.round() as u64),
                         args: vec![
                             "fanout".into(),
                             "--members".into(),
@@ -330,6 +370,7 @@ fn plans(args: &Args) -> Vec<Plan> {
             }
             "handshake" => plans.push(Plan {
                 scenario: "handshake",
+                variant: format!("c{}", args.handshake_concurrency),
                 args: vec![
                     "handshake".into(),
                     "--concurrency".into(),
@@ -341,6 +382,7 @@ fn plans(args: &Args) -> Vec<Plan> {
             }),
             "slow" => plans.push(Plan {
                 scenario: "slow",
+                variant: format!("{slow_members}x{}", slow_rate.round() as u64),
                 args: vec![
                     "slow".into(),
                     "--members".into(),
