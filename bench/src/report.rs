@@ -570,7 +570,7 @@ fn verdict(ok: Option<bool>) -> &'static str {
     match ok {
         Some(true) => "met",
         Some(false) => "**missed**",
-        None => "not measured",
+        None => "—",
     }
 }
 
@@ -706,7 +706,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
         );
         let (s, w, b) = three("capacity", &variant, "/million_projection_gib");
         line(
-            "memory projected to 1,000,000 connections (GiB)".into(),
+            "memory projected to 1,000,000 connections on one larger host (GiB; a figure, no bound)".into(),
             (s, w, b),
             1,
             None,

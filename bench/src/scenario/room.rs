@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
@@ -183,11 +184,13 @@ impl Room {
         Some(self.target.send_frame(seq, &body))
     }
 
-    /// A member's task: reads (and, for a sender, sends every `period`,
-    /// starting at `first`) until the room stops.
+    /// A member's task: reads until the room stops. A sender also sends
+    /// every `period`, starting at `first`, from a task of its own, so that
+    /// a write the server is slow to take never stops it reading (a sender
+    /// that stopped reading would look like a slow consumer to the server).
     pub async fn member(
         self: Arc<Self>,
-        mut ws: Ws,
+        ws: Ws,
         role: Role,
         period: Duration,
         first: tokio::time::Instant,
@@ -196,11 +199,18 @@ impl Room {
         if *stop.borrow_and_update() {
             return;
         }
+        let (sink, mut stream) = ws.split();
+        let writer = if role == Role::Sender {
+            Some(tokio::spawn(self.clone().send_loop(sink, period, first)))
+        } else {
+            // Not needed: the reading half still answers pings, as both
+            // halves share the socket, which lives while either does.
+            drop(sink);
+            None
+        };
         // The flag only ever goes from false to true: a change is the stop.
         let stopped = stop.changed();
         tokio::pin!(stopped);
-        let mut tick = tokio::time::interval_at(first, period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let measured = role != Role::Victim;
         let mut code = None;
         let mut told = false;
@@ -211,15 +221,7 @@ impl Room {
                     told = true;
                     break;
                 }
-                _ = tick.tick(), if role == Role::Sender => {
-                    if let Some(frame) = self.next_frame()
-                        && ws.send(Message::Text(frame)).await.is_err()
-                    {
-                        self.send_errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-                frame = ws.next() => match frame {
+                frame = stream.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
                         self.on_text(&text, measured);
                         if role == Role::Victim && self.stall.load(Ordering::Acquire) {
@@ -238,8 +240,43 @@ impl Room {
                 },
             }
         }
+        if let Some(writer) = writer {
+            writer.abort();
+        }
         if !told {
             self.endings.record(code);
+        }
+    }
+
+    /// A sender's writes: one frame every `period` (catching up after a
+    /// write that blocked, so the offered rate holds), until the room stops.
+    async fn send_loop(
+        self: Arc<Self>,
+        mut sink: SplitSink<Ws, Message>,
+        period: Duration,
+        first: tokio::time::Instant,
+    ) {
+        let mut stop = self.stop.subscribe();
+        if *stop.borrow_and_update() {
+            return;
+        }
+        let stopped = stop.changed();
+        tokio::pin!(stopped);
+        let mut tick = tokio::time::interval_at(first, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut stopped => return,
+                _ = tick.tick() => {
+                    if let Some(frame) = self.next_frame()
+                        && sink.send(Message::Text(frame)).await.is_err()
+                    {
+                        self.send_errors.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            }
         }
     }
 
