@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::config::{BansConfig, LimitsConfig, parse_net};
 use crate::refusal::Refusal;
-use crate::sync::lock;
+use crate::sync::{lock, rate_clock};
 
 /// An address as the tables key it: IPv4 as is (IPv4-mapped IPv6 unmapped),
 /// IPv6 cut to its /64.
@@ -99,7 +99,7 @@ impl AddressGuard {
     fn new_entry(&self, now: Instant) -> AddressEntry {
         AddressEntry {
             connections: 0,
-            handshakes: RateLimiter::direct(self.handshake_quota),
+            handshakes: RateLimiter::direct_with_clock(self.handshake_quota, rate_clock()),
             failures: 0,
             window_start: now,
             banned_until: None,
@@ -307,7 +307,7 @@ impl Users {
         let mut entries = lock(&self.entries);
         let entry = entries.entry(sub.to_owned()).or_insert_with(|| UserEntry {
             connections: 0,
-            limiter: Arc::new(RateLimiter::direct(self.quota)),
+            limiter: Arc::new(RateLimiter::direct_with_clock(self.quota, rate_clock())),
         });
         if entry.connections >= self.max_connections {
             return Err(Refusal::TooManyConnections);

@@ -99,6 +99,9 @@ pub struct ServerConfig {
     /// Connections from `trusted_proxies` start with a PROXY protocol header
     /// (v1 or v2) naming the client.
     pub proxy_protocol: bool,
+    /// Connections the kernel may hold before they are accepted (the
+    /// `listen(2)` backlog; the kernel caps it at `net.core.somaxconn`).
+    pub listen_backlog: u32,
 }
 
 impl Default for ServerConfig {
@@ -111,6 +114,7 @@ impl Default for ServerConfig {
             allow_plaintext_public: false,
             trusted_proxies: Vec::new(),
             proxy_protocol: false,
+            listen_backlog: 1024,
         }
     }
 }
@@ -666,6 +670,9 @@ impl Config {
         }
         if s.ws_path == "/healthz" || s.ws_path == "/readyz" {
             return Err(self.invalid("server.ws_path", "collides with a health endpoint"));
+        }
+        if !(1..=65_535).contains(&s.listen_backlog) {
+            return Err(self.invalid("server.listen_backlog", "must be between 1 and 65535"));
         }
         for (key, value) in [
             ("server.handshake_timeout_ms", s.handshake_timeout_ms),

@@ -127,6 +127,20 @@ pub fn install_crypto_providers() {
     auth::jwt::install_crypto_provider();
 }
 
+/// A listening socket on `addr` with the configured backlog (tokio's own
+/// `bind` fixes it at 128, which a burst of reconnecting clients overflows).
+fn listen(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// Binds the listener and builds the shared state.
 pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
     let Prepared {
@@ -136,8 +150,7 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
         from_files,
     } = prepared;
     let addr = config.server.listen;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = listen(addr, config.server.listen_backlog)
         .map_err(|source| StartError::Bind { addr, source })?;
     if tls.is_none() {
         tracing::warn!(

@@ -286,7 +286,10 @@ impl Session {
             identity,
             outbox,
             joined: HashMap::new(),
-            limiter: RateLimiter::direct(Quota::per_second(rate).allow_burst(burst)),
+            limiter: RateLimiter::direct_with_clock(
+                Quota::per_second(rate).allow_burst(burst),
+                crate::sync::rate_clock(),
+            ),
             strikes: 0,
             strike_window_start: Instant::now(),
             invalid_frames: 0,
