@@ -352,3 +352,48 @@ async fn shutdown_finishes_within_its_grace_despite_stalled_clients() {
         .unwrap();
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_client_close_is_answered_and_pings_are_answered() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let server = TestServer::start().await;
+    let mut client = server.connect(&server.token("leaving")).await;
+    // A WebSocket ping is answered with a pong carrying the same payload.
+    client
+        .ws
+        .send(Message::Ping(Bytes::from_static(b"are you there")))
+        .await
+        .unwrap();
+    let pong = loop {
+        match tokio::time::timeout(WAIT, client.ws.next()).await {
+            Ok(Some(Ok(Message::Pong(payload)))) => break payload,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no pong: {other:?}"),
+        }
+    };
+    assert_eq!(&pong[..], b"are you there");
+
+    // A close from the client is echoed with its code before the server
+    // drops the connection.
+    client
+        .ws
+        .send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Away,
+            reason: "bye".into(),
+        })))
+        .await
+        .unwrap();
+    let echo = loop {
+        match tokio::time::timeout(WAIT, client.ws.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close echo: {other:?}"),
+        }
+    };
+    assert_eq!(echo.map(|f| u16::from(f.code)), Some(1001));
+    // Then the stream ends.
+    let end = tokio::time::timeout(WAIT, client.ws.next()).await;
+    assert!(matches!(end, Ok(None) | Ok(Some(Err(_)))), "{end:?}");
+}

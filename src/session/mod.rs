@@ -1,27 +1,30 @@
-//! One WebSocket connection after the upgrade: a reader that handles client
-//! frames and a writer that drains the bounded outbox, running concurrently.
+//! One WebSocket connection after the upgrade: a reader (this task) that
+//! handles client frames and a writer (a task of its own) that drains the
+//! bounded outbox, so a delivery wakes only the writer and a client frame
+//! only the reader.
 //!
-//! Frame handling lives in [`handler`]; the outbound queue in [`outbox`].
+//! Frame handling lives in [`handler`]; the outbound queue in [`outbox`];
+//! framing and the split of the connection in [`transport`].
 
 pub mod fragments;
 mod handler;
 pub mod outbox;
+pub mod transport;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
 use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tracing::{Instrument, debug, info};
 
@@ -32,10 +35,13 @@ use crate::protocol::{Disconnect, Sender, ServerFrame, WelcomeLimits, WelcomeUse
 use crate::rooms::RoomPolicy;
 use crate::state::AppState;
 use fragments::FragmentLimited;
-use outbox::{Outbox, OutboxReceiver};
+use outbox::{Outbox, OutboxReceiver, Outgoing};
+use transport::ReplyIo;
 
-/// The WebSocket of one session.
-pub type Ws = WebSocketStream<FragmentLimited<TokioIo<Upgraded>>>;
+type Io = TokioIo<Upgraded>;
+
+/// The reading side of a session's WebSocket.
+pub type Ws = WebSocketStream<FragmentLimited<ReplyIo<ReadHalf<Io>>>>;
 
 /// Facts about the connection, from before the upgrade.
 #[derive(Debug, Clone)]
@@ -86,40 +92,57 @@ struct Session {
 }
 
 /// Runs a session to its end. Never panics on peer data.
-pub async fn run(
-    io: TokioIo<Upgraded>,
-    identity: Identity,
-    meta: ConnMeta,
-    user: UserSlot,
-    state: Arc<AppState>,
-) {
+pub async fn run(io: Io, identity: Identity, meta: ConnMeta, user: UserSlot, state: Arc<AppState>) {
+    let limits = &state.config.limits;
+    let (outbox, outbox_rx) =
+        outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+    let (read, write) = tokio::io::split(io);
     let too_fragmented = Arc::new(AtomicBool::new(false));
-    let io = FragmentLimited::new(
-        io,
-        state.config.limits.max_fragments_per_message,
+    let read = FragmentLimited::new(
+        ReplyIo::new(read, outbox.clone()),
+        limits.max_fragments_per_message,
         too_fragmented.clone(),
     );
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(state.ws_config)).await;
+    let ws = WebSocketStream::from_raw_socket(read, Role::Server, Some(state.ws_config)).await;
     let id = state.next_session_id();
     let span = tracing::info_span!("session", session = id, peer = %meta.peer, client = %meta.client, user = %identity.sub);
-    run_inner(ws, identity, meta, user, state, id, too_fragmented)
+    let parts = Parts {
+        ws,
+        write,
+        outbox,
+        outbox_rx,
+        too_fragmented,
+    };
+    run_inner(parts, identity, meta, user, state, id)
         .instrument(span)
         .await
 }
 
-async fn run_inner(
+/// The connection, split for the reader and the writer.
+struct Parts {
     ws: Ws,
+    write: WriteHalf<Io>,
+    outbox: Outbox,
+    outbox_rx: OutboxReceiver,
+    too_fragmented: Arc<AtomicBool>,
+}
+
+async fn run_inner(
+    parts: Parts,
     identity: Identity,
     meta: ConnMeta,
     user: UserSlot,
     state: Arc<AppState>,
     id: u64,
-    too_fragmented: Arc<AtomicBool>,
 ) {
+    let Parts {
+        ws: mut stream,
+        write,
+        outbox,
+        outbox_rx,
+        too_fragmented,
+    } = parts;
     let started = Instant::now();
-    let limits = &state.config.limits;
-    let (outbox, mut outbox_rx) =
-        outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
     let mut session = Session::new(id, identity, outbox.clone(), user, state.clone());
     session.too_fragmented = too_fragmented;
     info!(
@@ -133,28 +156,30 @@ async fn run_inner(
     session.welcome();
 
     let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
-    let (mut sink, mut stream) = ws.split();
-    let await_close_reply = {
-        let reader = session.read_loop(&mut stream);
-        let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
-        let writer = write_loop(&mut sink, &mut outbox_rx, close_timeout, ping_every);
-        tokio::pin!(reader, writer);
-        tokio::select! {
-            reason = &mut reader => {
-                outbox.close(reason);
-                let _ = tokio::time::timeout(close_timeout, &mut writer).await;
-                // The peer closed or vanished: there is no reply to wait for.
-                reason != Disconnect::Normal
-            }
-            () = &mut writer => true,
-        }
-    };
-    if await_close_reply {
+    let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
+    let mut writer = tokio::spawn(write_loop(write, outbox_rx, close_timeout, ping_every));
+
+    let reason = session.read_loop(&mut stream).await;
+    if reason == Disconnect::Normal {
+        // The client closed: tungstenite holds the echo of its close frame,
+        // which this hands to the writer before the queue closes.
+        let _ = stream.flush().await;
+    }
+    outbox.close(reason);
+    // The writer sends what is queued and the close frame within
+    // `close_timeout`; the margin only covers scheduling.
+    if tokio::time::timeout(close_timeout + Duration::from_secs(1), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+    let reason = outbox.close_reason().unwrap_or(Disconnect::Normal);
+    if reason != Disconnect::Normal {
         // The close frame is out (or the socket failed): wait briefly for the
         // client's close reply, then drop the connection.
         let _ = tokio::time::timeout(close_timeout, drain(&mut stream)).await;
     }
-    let reason = outbox.close_reason().unwrap_or(Disconnect::Normal);
     session.leave_all();
     metrics::gauge!("securechat_connections_open").decrement(1.0);
     metrics::counter!("securechat_close_codes_total", "code" => reason.code().to_string())
@@ -169,99 +194,106 @@ async fn run_inner(
 }
 
 /// Reads and discards until the peer's close (or an error).
-async fn drain(stream: &mut SplitStream<Ws>) {
+async fn drain(stream: &mut Ws) {
     while let Some(Ok(_)) = stream.next().await {}
 }
 
-/// Writes queued frames, batching what is ready into one flush, until a close
-/// is requested; then writes what is still queued (unless the client is the
-/// slow one) and the close frame, within `close_timeout`.
-async fn write_loop(
-    sink: &mut SplitSink<Ws, Message>,
-    rx: &mut OutboxReceiver,
+/// Most queue entries a writer keeps room for between batches; a larger
+/// buffer (after a burst) is given back.
+const SPARE_BATCH: usize = 64;
+
+/// Writes what the outbox holds, everything queued in one batch, and a ping
+/// every `ping_every`, until a close is requested; then writes what is still
+/// queued (unless the client is the slow one) and the close frame, within
+/// `close_timeout`.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut io: W,
+    mut rx: OutboxReceiver,
     close_timeout: Duration,
     ping_every: Duration,
 ) {
     let closer = rx.closer();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
-    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let ping = tokio::time::sleep(ping_every);
+    tokio::pin!(ping);
+    let mut batch = VecDeque::new();
     loop {
-        tokio::select! {
-            biased;
-            reason = closer.closing() => {
-                let finish = async {
-                    if reason != Disconnect::SlowConsumer {
-                        while let Some(frame) = rx.try_recv() {
-                            if write_batch(sink, rx, frame).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    send_close(sink, reason).await;
-                };
-                let _ = tokio::time::timeout(close_timeout, finish).await;
-                return;
+        if let Some(reason) = rx.close_reason() {
+            let _ = tokio::time::timeout(close_timeout, finish(&mut io, &mut rx, reason)).await;
+            return;
+        }
+        let bytes = rx.take(&mut batch);
+        if bytes == 0 {
+            tokio::select! {
+                biased;
+                () = rx.ready() => continue,
+                () = &mut ping => {}
             }
-            frame = rx.recv() => {
-                let Some(frame) = frame else { return };
-                tokio::select! {
-                    biased;
-                    result = write_batch(sink, rx, frame) => {
-                        if result.is_err() {
-                            return;
-                        }
-                    }
-                    // A write stuck on a peer that does not read: give up on it.
-                    _ = closer.closing() => return,
-                }
-            }
-            _ = ping.tick() => {
-                let sent = tokio::select! {
-                    biased;
-                    result = sink.send(Message::Ping(Default::default())) => result.is_ok(),
-                    _ = closer.closing() => false,
-                };
-                if !sent {
-                    return;
-                }
-            }
+        }
+        // A client that is sent something all the time still gets its pings.
+        let now = tokio::time::Instant::now();
+        if ping.deadline() <= now {
+            batch.push_back(Outgoing::Framed(transport::ping_frame()));
+            ping.as_mut().reset(now + ping_every);
+        }
+        let delivered = batch
+            .iter()
+            .filter(|item| matches!(item, Outgoing::Text(_)))
+            .count();
+        if !write_or_abandon(&mut io, &batch, &closer, close_timeout).await {
+            return;
+        }
+        rx.written(bytes);
+        batch.clear();
+        if batch.capacity() > SPARE_BATCH {
+            batch.shrink_to(SPARE_BATCH);
+        }
+        // Counted once per batch: a metrics lookup per frame shows on the hot path.
+        if delivered > 0 {
+            metrics::counter!("securechat_bytes_out_total").increment(bytes as u64);
+            metrics::counter!("securechat_messages_delivered_total").increment(delivered as u64);
         }
     }
 }
 
-/// Most frames written before one flush.
-const MAX_BATCH: usize = 64;
-
-async fn write_batch(
-    sink: &mut SplitSink<Ws, Message>,
-    rx: &mut OutboxReceiver,
-    first: tungstenite::Utf8Bytes,
-) -> Result<(), tungstenite::Error> {
-    let mut frame = Some(first);
-    let (mut count, mut bytes) = (0, 0);
-    while let Some(text) = frame.take() {
-        let len = text.len();
-        sink.feed(Message::Text(text)).await?;
-        rx.written(len);
-        count += 1;
-        bytes += len;
-        if count < MAX_BATCH {
-            frame = rx.try_recv();
-        }
-    }
-    // Counted once per batch: a metrics lookup per frame shows on the hot path.
-    metrics::counter!("securechat_bytes_out_total").increment(bytes as u64);
-    metrics::counter!("securechat_messages_delivered_total").increment(count as u64);
-    sink.flush().await
-}
-
-async fn send_close(sink: &mut SplitSink<Ws, Message>, reason: Disconnect) {
-    let frame = CloseFrame {
-        code: CloseCode::from(reason.code()),
-        reason: reason.reason().into(),
+/// Writes a batch; `false` if the connection is done for. A close requested
+/// meanwhile abandons a write to a slow consumer (its socket is full) and
+/// otherwise lets the batch finish within `close_timeout`.
+async fn write_or_abandon<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    batch: &VecDeque<Outgoing>,
+    closer: &outbox::Closer,
+    close_timeout: Duration,
+) -> bool {
+    let write = transport::write_batch(io, batch);
+    tokio::pin!(write);
+    let reason = tokio::select! {
+        biased;
+        result = &mut write => return result.is_ok(),
+        reason = closer.closing() => reason,
     };
-    // The peer may already be gone; nothing more to do then.
-    let _ = sink.send(Message::Close(Some(frame))).await;
+    if reason == Disconnect::SlowConsumer {
+        return false;
+    }
+    matches!(tokio::time::timeout(close_timeout, write).await, Ok(Ok(())))
+}
+
+/// The end of the writer: what is still queued (not for a slow consumer),
+/// then the close frame unless the client closed first (its echo was queued).
+async fn finish<W: AsyncWrite + Unpin>(io: &mut W, rx: &mut OutboxReceiver, reason: Disconnect) {
+    let mut batch = VecDeque::new();
+    if reason != Disconnect::SlowConsumer {
+        rx.take(&mut batch);
+    }
+    if reason != Disconnect::Normal {
+        batch.push_back(Outgoing::Framed(transport::close_frame(
+            reason.code(),
+            reason.reason(),
+        )));
+    }
+    if !batch.is_empty() {
+        // The peer may already be gone; nothing more to do then.
+        let _ = transport::write_batch(io, &batch).await;
+    }
 }
 
 impl Session {
@@ -332,14 +364,16 @@ impl Session {
     }
 
     /// Reads frames until the connection should end, and says why.
-    async fn read_loop(&mut self, stream: &mut SplitStream<Ws>) -> Disconnect {
+    async fn read_loop(&mut self, stream: &mut Ws) -> Disconnect {
         let shutdown = self.state.shutdown.clone();
+        let outbox = self.outbox.clone();
         loop {
             if let Some(reason) = self.outbox.close_reason() {
                 return reason;
             }
             let timer = self.next_timer();
             tokio::select! {
+                reason = outbox.closing() => return reason,
                 frame = stream.next() => {
                     if let Some(reason) = self.on_frame(frame).await {
                         return reason;

@@ -1,81 +1,103 @@
 //! A session's outbound queue, bounded in messages and bytes. Producers (the
 //! hub's fan-out, the session's own replies) never wait: a full queue closes
 //! the session as a slow consumer (4009) instead of slowing anyone else.
+//!
+//! The writer takes everything queued at once and writes it as one batch, so
+//! a member that falls behind catches up in few large writes rather than
+//! many small ones. Only a push onto an empty queue wakes the writer; pushes
+//! behind it ride along. An idle queue holds no allocation beyond its
+//! shared header.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::{Notify, mpsc};
+use bytes::Bytes;
+use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::protocol::Disconnect;
+use crate::sync::lock;
+
+/// One queued write.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// A text message: the writer frames it.
+    Text(Utf8Bytes),
+    /// Bytes that are already WebSocket frames (the reader's pong and close
+    /// replies).
+    Framed(Bytes),
+}
+
+impl Outgoing {
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Text(text) => text.len(),
+            Self::Framed(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// Bytes queued plus bytes taken by the writer and not yet written.
+    bytes: usize,
+}
 
 struct Shared {
-    /// Bytes queued and not yet written.
-    queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    max_messages: usize,
     max_bytes: usize,
     /// The first close reason wins.
     close: OnceLock<Disconnect>,
+    /// Wakes the writer when the queue stops being empty.
+    ready: Notify,
+    /// Wakes everyone waiting in [`Closer::closing`].
     closed: Notify,
+    /// The writer is gone: pushes are dropped.
+    writer_gone: AtomicBool,
 }
 
 /// The sending side, cloned into the hub for every joined room.
 #[derive(Clone)]
 pub struct Outbox {
-    tx: mpsc::Sender<Utf8Bytes>,
     shared: Arc<Shared>,
 }
 
 /// The writer's side.
 pub struct OutboxReceiver {
-    rx: mpsc::Receiver<Utf8Bytes>,
     shared: Arc<Shared>,
 }
 
 /// A new queue holding at most `max_messages` frames and `max_bytes` bytes.
 pub fn outbox(max_messages: usize, max_bytes: usize) -> (Outbox, OutboxReceiver) {
-    let (tx, rx) = mpsc::channel(max_messages);
     let shared = Arc::new(Shared {
-        queued_bytes: AtomicUsize::new(0),
+        queue: Mutex::default(),
+        max_messages,
         max_bytes,
         close: OnceLock::new(),
+        ready: Notify::new(),
         closed: Notify::new(),
+        writer_gone: AtomicBool::new(false),
     });
     (
         Outbox {
-            tx,
             shared: shared.clone(),
         },
-        OutboxReceiver { rx, shared },
+        OutboxReceiver { shared },
     )
 }
 
 impl Outbox {
-    /// Queues a frame. On a full queue the session is closed with 4009 and
-    /// `false` returned.
+    /// Queues a text frame. On a full queue the session is closed with 4009
+    /// and `false` returned.
     pub fn push(&self, frame: Utf8Bytes) -> bool {
-        if self.is_closing() {
-            return false;
-        }
-        let len = frame.len();
-        let before = self.shared.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.shared.max_bytes {
-            self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            self.close(Disconnect::SlowConsumer);
-            return false;
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                self.close(Disconnect::SlowConsumer);
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-                false
-            }
-        }
+        self.push_item(Outgoing::Text(frame))
     }
 
     /// Queues a frame given as text.
@@ -83,13 +105,37 @@ impl Outbox {
         self.push(Utf8Bytes::from(text))
     }
 
+    /// Queues bytes that are already WebSocket frames.
+    pub fn push_framed(&self, frames: Bytes) -> bool {
+        self.push_item(Outgoing::Framed(frames))
+    }
+
+    fn push_item(&self, item: Outgoing) -> bool {
+        let shared = &*self.shared;
+        if self.is_closing() || shared.writer_gone.load(Ordering::Relaxed) {
+            return false;
+        }
+        let len = item.len();
+        let mut queue = lock(&shared.queue);
+        if queue.items.len() >= shared.max_messages || queue.bytes + len > shared.max_bytes {
+            drop(queue);
+            self.close(Disconnect::SlowConsumer);
+            return false;
+        }
+        let was_empty = queue.items.is_empty();
+        queue.items.push_back(item);
+        queue.bytes += len;
+        drop(queue);
+        if was_empty {
+            shared.ready.notify_one();
+        }
+        true
+    }
+
     /// Asks the writer to close the connection with `reason` (first reason wins).
     pub fn close(&self, reason: Disconnect) {
-        if self.shared.close.set(reason).is_ok() {
-            if reason == Disconnect::SlowConsumer {
-                metrics::counter!("securechat_slow_consumer_closes_total").increment(1);
-            }
-            self.shared.closed.notify_one();
+        if self.shared.set_close(reason) && reason == Disconnect::SlowConsumer {
+            metrics::counter!("securechat_slow_consumer_closes_total").increment(1);
         }
     }
 
@@ -100,6 +146,37 @@ impl Outbox {
     /// The reason given to [`Outbox::close`], if any.
     pub fn close_reason(&self) -> Option<Disconnect> {
         self.shared.close.get().copied()
+    }
+
+    /// Waits for a close request, like [`Closer::closing`].
+    pub async fn closing(&self) -> Disconnect {
+        self.shared.closing().await
+    }
+}
+
+impl Shared {
+    /// Sets the close reason if none is set; `true` if this call set it.
+    fn set_close(&self, reason: Disconnect) -> bool {
+        if self.close.set(reason).is_ok() {
+            self.closed.notify_waiters();
+            // The writer may be parked on `ready` rather than on `closed`.
+            self.ready.notify_one();
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn closing(&self) -> Disconnect {
+        loop {
+            // Created before the check: `notify_waiters` reaches a
+            // `Notified` from the moment it exists, so no close is missed.
+            let notified = self.closed.notified();
+            if let Some(reason) = self.close.get() {
+                return *reason;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -112,12 +189,7 @@ pub struct Closer {
 impl Closer {
     /// Waits until a close is requested and returns its reason.
     pub async fn closing(&self) -> Disconnect {
-        loop {
-            if let Some(reason) = self.shared.close.get() {
-                return *reason;
-            }
-            self.shared.closed.notified().await;
-        }
+        self.shared.closing().await
     }
 }
 
@@ -128,25 +200,61 @@ impl OutboxReceiver {
         }
     }
 
-    /// The next frame, or `None` when every sender is gone.
-    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
-        self.rx.recv().await
+    /// The reason a close was requested for, if it was.
+    pub fn close_reason(&self) -> Option<Disconnect> {
+        self.shared.close.get().copied()
     }
 
-    /// A frame that is ready now, for batching writes.
-    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
-        self.rx.try_recv().ok()
+    /// Waits until something may be queued (or a close is requested). May
+    /// return with nothing queued: callers check again.
+    pub async fn ready(&self) {
+        self.shared.ready.notified().await;
+    }
+
+    /// Moves everything queued into `batch` (which must be empty) and
+    /// returns its size in bytes; 0 when nothing was queued. The bytes stay
+    /// counted against the bound until [`OutboxReceiver::written`].
+    pub fn take(&mut self, batch: &mut VecDeque<Outgoing>) -> usize {
+        debug_assert!(batch.is_empty());
+        let mut queue = lock(&self.shared.queue);
+        if queue.items.is_empty() {
+            return 0;
+        }
+        // Swap rather than drain: the queue keeps the batch buffer's
+        // capacity, the batch gets the queue's, no allocation either way.
+        std::mem::swap(&mut queue.items, batch);
+        queue.bytes
     }
 
     /// Marks `len` bytes as written.
     pub fn written(&self, len: usize) {
-        self.shared.queued_bytes.fetch_sub(len, Ordering::Relaxed);
+        let mut queue = lock(&self.shared.queue);
+        queue.bytes = queue.bytes.saturating_sub(len);
+    }
+}
+
+impl Drop for OutboxReceiver {
+    fn drop(&mut self) {
+        // The writer has ended: nothing queued from now on will be written.
+        self.shared.writer_gone.store(true, Ordering::Relaxed);
+        self.shared.set_close(Disconnect::Normal);
+        lock(&self.shared.queue).items = VecDeque::new();
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn texts(batch: &VecDeque<Outgoing>) -> Vec<String> {
+        batch
+            .iter()
+            .map(|item| match item {
+                Outgoing::Text(text) => text.to_string(),
+                Outgoing::Framed(bytes) => format!("{bytes:?}"),
+            })
+            .collect()
+    }
 
     #[tokio::test]
     async fn full_queue_closes_as_slow_consumer() {
@@ -156,15 +264,28 @@ mod tests {
         assert!(!tx.push_text("c".into()));
         assert_eq!(tx.close_reason(), Some(Disconnect::SlowConsumer));
         assert_eq!(rx.closer().closing().await, Disconnect::SlowConsumer);
-        assert_eq!(rx.recv().await.as_deref(), Some("a"));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.take(&mut batch), 2);
+        assert_eq!(texts(&batch), ["a", "b"]);
     }
 
     #[tokio::test]
-    async fn byte_bound_closes_too() {
-        let (tx, rx) = outbox(100, 10);
+    async fn byte_bound_counts_until_written() {
+        let (tx, mut rx) = outbox(100, 10);
         assert!(tx.push_text("12345678".into()));
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.take(&mut batch), 8);
+        // Taken but not written: still counted.
         assert!(!tx.push_text("123".into()));
         assert_eq!(rx.closer().closing().await, Disconnect::SlowConsumer);
+
+        let (tx, mut rx) = outbox(100, 10);
+        assert!(tx.push_text("12345678".into()));
+        let mut batch = VecDeque::new();
+        rx.take(&mut batch);
+        rx.written(8);
+        assert!(tx.push_text("123".into()));
+        assert_eq!(tx.close_reason(), None);
     }
 
     #[tokio::test]
@@ -173,5 +294,54 @@ mod tests {
         tx.close(Disconnect::ShuttingDown);
         tx.close(Disconnect::SlowConsumer);
         assert_eq!(rx.closer().closing().await, Disconnect::ShuttingDown);
+    }
+
+    #[tokio::test]
+    async fn push_onto_an_empty_queue_wakes_the_writer() {
+        let (tx, mut rx) = outbox(10, 100);
+        let mut batch = VecDeque::new();
+        assert_eq!(rx.take(&mut batch), 0);
+        let waiting = tokio::spawn(async move {
+            rx.ready().await;
+            let mut batch = VecDeque::new();
+            rx.take(&mut batch);
+            texts(&batch)
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.push_text("x".into()));
+        assert!(tx.push_framed(Bytes::from_static(b"\x8a\x00")));
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the writer was woken")
+            .expect("no panic");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], "x");
+    }
+
+    #[tokio::test]
+    async fn close_reaches_every_waiter() {
+        let (tx, rx) = outbox(10, 100);
+        let closer = rx.closer();
+        let a = tokio::spawn({
+            let closer = closer.clone();
+            async move { closer.closing().await }
+        });
+        let b = tokio::spawn({
+            let tx = tx.clone();
+            async move { tx.closing().await }
+        });
+        tokio::task::yield_now().await;
+        tx.close(Disconnect::Expired);
+        assert_eq!(a.await.ok(), Some(Disconnect::Expired));
+        assert_eq!(b.await.ok(), Some(Disconnect::Expired));
+    }
+
+    #[tokio::test]
+    async fn pushes_after_the_writer_ended_are_dropped() {
+        let (tx, rx) = outbox(1, 100);
+        drop(rx);
+        assert!(!tx.push_text("late".into()));
+        // Not a slow consumer: the writer ended for another reason.
+        assert_eq!(tx.close_reason(), Some(Disconnect::Normal));
     }
 }

@@ -1,0 +1,226 @@
+//! The two directions of a session's connection.
+//!
+//! Server frames are written by the session's writer straight to the TLS
+//! stream: a 2–10 byte WebSocket header per message in front of the message
+//! bytes that every recipient shares, everything queued gathered into one
+//! vectored write (one pass through rustls, so as few TLS records and system
+//! calls as the batch allows) and one flush. Server frames are never masked
+//! or fragmented, so there is nothing more to framing them.
+//!
+//! Client frames are parsed by tungstenite on the read half. What it writes
+//! back on its own (the pong to a ping, the echo of a close) goes to the
+//! writer through the outbox, so only the writer ever writes to the stream.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use super::outbox::{Outbox, Outgoing};
+
+const OPCODE_TEXT: u8 = 0x1;
+const OPCODE_CLOSE: u8 = 0x8;
+const OPCODE_PING: u8 = 0x9;
+
+/// The header of a final, unmasked server frame.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    bytes: [u8; 10],
+    len: u8,
+}
+
+impl Header {
+    pub fn new(opcode: u8, payload_len: usize) -> Self {
+        let mut bytes = [0u8; 10];
+        bytes[0] = 0x80 | opcode;
+        let len = if payload_len < 126 {
+            bytes[1] = payload_len as u8;
+            2
+        } else if let Ok(short) = u16::try_from(payload_len) {
+            bytes[1] = 126;
+            bytes[2..4].copy_from_slice(&short.to_be_bytes());
+            4
+        } else {
+            bytes[1] = 127;
+            bytes[2..10].copy_from_slice(&(payload_len as u64).to_be_bytes());
+            10
+        };
+        Self { bytes, len }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..self.len as usize]
+    }
+}
+
+/// A ping with no payload.
+pub fn ping_frame() -> Bytes {
+    Bytes::copy_from_slice(Header::new(OPCODE_PING, 0).as_slice())
+}
+
+/// A close frame with `code` and `reason` (cut to the 123 bytes a control
+/// frame has room for, at a character boundary).
+pub fn close_frame(code: u16, reason: &str) -> Bytes {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut frame = Vec::with_capacity(4 + reason.len());
+    frame.extend_from_slice(Header::new(OPCODE_CLOSE, 2 + reason.len()).as_slice());
+    frame.extend_from_slice(&code.to_be_bytes());
+    frame.extend_from_slice(reason);
+    Bytes::from(frame)
+}
+
+/// Writes `batch` as one vectored write and flushes once.
+pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let headers: Vec<Header> = batch
+        .iter()
+        .filter_map(|item| match item {
+            Outgoing::Text(text) => Some(Header::new(OPCODE_TEXT, text.len())),
+            Outgoing::Framed(_) => None,
+        })
+        .collect();
+    let mut headers = headers.iter();
+    let mut slices = Vec::with_capacity(batch.len() * 2);
+    for item in batch {
+        match item {
+            Outgoing::Text(text) => {
+                if let Some(header) = headers.next() {
+                    slices.push(IoSlice::new(header.as_slice()));
+                }
+                slices.push(IoSlice::new(text.as_bytes()));
+            }
+            Outgoing::Framed(bytes) => slices.push(IoSlice::new(bytes)),
+        }
+    }
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let written = io.write_vectored(rest).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    io.flush().await
+}
+
+/// The read half as tungstenite sees it: reads pass through, writes (its
+/// control replies) are queued for the writer and never block.
+pub struct ReplyIo<R> {
+    read: R,
+    replies: Outbox,
+}
+
+impl<R> ReplyIo<R> {
+    pub fn new(read: R, replies: Outbox) -> Self {
+        Self { read, replies }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for ReplyIo<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.read).poll_read(cx, buf)
+    }
+}
+
+impl<R: Unpin> AsyncWrite for ReplyIo<R> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        // tungstenite hands over whole frames in one write. A refused push
+        // (the session is closing, or its queue is full and it is being
+        // closed for that) needs no reply written.
+        self.replies.push_framed(Bytes::copy_from_slice(buf));
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+    /// Parses `frame` with tungstenite: (header, payload).
+    fn parse(frame: &[u8]) -> (FrameHeader, Vec<u8>) {
+        let mut cursor = io::Cursor::new(frame);
+        let (header, len) = FrameHeader::parse(&mut cursor)
+            .expect("valid header")
+            .expect("complete header");
+        let start = cursor.position() as usize;
+        assert_eq!(frame.len() - start, len as usize, "payload length");
+        (header, frame[start..].to_vec())
+    }
+
+    #[test]
+    fn headers_use_the_shortest_length_form() {
+        for len in [0, 1, 125, 126, 127, 65_535, 65_536, 1 << 20] {
+            let payload = vec![b'x'; len];
+            let mut frame = Header::new(OPCODE_TEXT, len).as_slice().to_vec();
+            let expected_header = match len {
+                0..=125 => 2,
+                126..=65_535 => 4,
+                _ => 10,
+            };
+            assert_eq!(frame.len(), expected_header, "header for {len}");
+            frame.extend_from_slice(&payload);
+            let (header, body) = parse(&frame);
+            assert!(header.is_final);
+            assert!(header.mask.is_none());
+            assert_eq!(body.len(), len);
+        }
+    }
+
+    #[test]
+    fn close_frames_carry_code_and_a_bounded_reason() {
+        let (header, body) = parse(&close_frame(4009, "slow_consumer"));
+        assert_eq!(u8::from(header.opcode), OPCODE_CLOSE);
+        assert_eq!(&body[..2], &4009u16.to_be_bytes());
+        assert_eq!(&body[2..], b"slow_consumer");
+        // 200 bytes of two-byte characters: cut at a boundary within 123.
+        let long = "é".repeat(100);
+        let (_, body) = parse(&close_frame(1000, &long));
+        assert!(body.len() <= 125);
+        assert!(std::str::from_utf8(&body[2..]).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_written_as_frames_in_order() {
+        let batch: VecDeque<Outgoing> = [
+            Outgoing::Text("first".into()),
+            Outgoing::Framed(ping_frame()),
+            Outgoing::Text("x".repeat(300).into()),
+        ]
+        .into_iter()
+        .collect();
+        let mut out = Vec::new();
+        write_batch(&mut out, &batch).await.expect("written");
+        let mut expected = vec![0x81, 5];
+        expected.extend_from_slice(b"first");
+        expected.extend_from_slice(&[0x89, 0]);
+        expected.extend_from_slice(&[0x81, 126, 1, 44]);
+        expected.extend_from_slice("x".repeat(300).as_bytes());
+        assert_eq!(out, expected);
+    }
+}
