@@ -291,7 +291,8 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     /// Fragments one message may arrive in.
     pub max_fragments_per_message: u32,
-    /// Per-connection read buffer.
+    /// Per-connection read buffer for client frames (grows for a larger
+    /// message while it is read).
     pub read_buffer_bytes: usize,
     /// Per-connection write buffer before a flush is forced.
     pub write_buffer_bytes: usize,
@@ -335,7 +336,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 16 * 1024,
             max_frame_bytes: 16 * 1024,
             max_fragments_per_message: 64,
-            read_buffer_bytes: 4 * 1024,
+            read_buffer_bytes: 512,
             write_buffer_bytes: 0,
             max_write_buffer_bytes: 64 * 1024,
             outbound_queue_messages: 256,

@@ -213,10 +213,12 @@ impl OutboxReceiver {
 
     /// Moves everything queued into `batch` (which must be empty) and
     /// returns its size in bytes; 0 when nothing was queued. The bytes stay
-    /// counted against the bound until [`OutboxReceiver::written`].
-    pub fn take(&mut self, batch: &mut VecDeque<Outgoing>) -> usize {
+    /// counted against the bound until they are reported written with the
+    /// next take (`written`: the size of the batch taken before).
+    pub fn take(&mut self, batch: &mut VecDeque<Outgoing>, written: usize) -> usize {
         debug_assert!(batch.is_empty());
         let mut queue = lock(&self.shared.queue);
+        queue.bytes = queue.bytes.saturating_sub(written);
         if queue.items.is_empty() {
             return 0;
         }
@@ -224,12 +226,6 @@ impl OutboxReceiver {
         // capacity, the batch gets the queue's, no allocation either way.
         std::mem::swap(&mut queue.items, batch);
         queue.bytes
-    }
-
-    /// Marks `len` bytes as written.
-    pub fn written(&self, len: usize) {
-        let mut queue = lock(&self.shared.queue);
-        queue.bytes = queue.bytes.saturating_sub(len);
     }
 }
 
@@ -265,7 +261,7 @@ mod tests {
         assert_eq!(tx.close_reason(), Some(Disconnect::SlowConsumer));
         assert_eq!(rx.closer().closing().await, Disconnect::SlowConsumer);
         let mut batch = VecDeque::new();
-        assert_eq!(rx.take(&mut batch), 2);
+        assert_eq!(rx.take(&mut batch, 0), 2);
         assert_eq!(texts(&batch), ["a", "b"]);
     }
 
@@ -274,7 +270,7 @@ mod tests {
         let (tx, mut rx) = outbox(100, 10);
         assert!(tx.push_text("12345678".into()));
         let mut batch = VecDeque::new();
-        assert_eq!(rx.take(&mut batch), 8);
+        assert_eq!(rx.take(&mut batch, 0), 8);
         // Taken but not written: still counted.
         assert!(!tx.push_text("123".into()));
         assert_eq!(rx.closer().closing().await, Disconnect::SlowConsumer);
@@ -282,8 +278,10 @@ mod tests {
         let (tx, mut rx) = outbox(100, 10);
         assert!(tx.push_text("12345678".into()));
         let mut batch = VecDeque::new();
-        rx.take(&mut batch);
-        rx.written(8);
+        rx.take(&mut batch, 0);
+        batch.clear();
+        // Reported written with the next take.
+        assert_eq!(rx.take(&mut batch, 8), 0);
         assert!(tx.push_text("123".into()));
         assert_eq!(tx.close_reason(), None);
     }
@@ -300,11 +298,11 @@ mod tests {
     async fn push_onto_an_empty_queue_wakes_the_writer() {
         let (tx, mut rx) = outbox(10, 100);
         let mut batch = VecDeque::new();
-        assert_eq!(rx.take(&mut batch), 0);
+        assert_eq!(rx.take(&mut batch, 0), 0);
         let waiting = tokio::spawn(async move {
             rx.ready().await;
             let mut batch = VecDeque::new();
-            rx.take(&mut batch);
+            rx.take(&mut batch, 0);
             texts(&batch)
         });
         tokio::task::yield_now().await;
