@@ -301,14 +301,19 @@ fn start_session(
     let on_upgrade = hyper::upgrade::on(req);
     conn.upgraded.store(true, Ordering::Release);
     let hold = conn.hold.clone();
-    let state = state.clone();
-    state.tasks.clone().spawn(async move {
+    // Boxed: the task holds one pointer to it, not a copy of every field
+    // for the whole life of the session.
+    let start = Box::new(session::Start {
+        identity,
+        meta,
+        user,
+        state: state.clone(),
+    });
+    state.tasks.spawn(async move {
         let _hold = (hold, address);
         match on_upgrade.await {
-            Ok(upgraded) => {
-                session::run(TokioIo::new(upgraded), identity, meta, user, state).await;
-            }
-            Err(e) => debug!(event = "upgrade.failed", peer = %meta.peer, error = %e),
+            Ok(upgraded) => session::run(TokioIo::new(upgraded), start).await,
+            Err(e) => debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e),
         }
     });
 }

@@ -518,7 +518,7 @@ fn header(out: &mut String, meta: &Value) {
     );
     let _ = writeln!(
         out,
-        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, write buffer {} KiB), server pings every {} s. \
+        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus rustls's {} KiB TLS send buffer), server pings every {} s. \
          The Node `ws` {} tutorial server on Node {} (`bench/peers/ws-tutorial/server.js`: https server, `ws` server on it, every message broadcast to every open client). \
          Bun {} `Bun.serve` with TLS and built-in pub/sub (`bench/peers/bun/server.ts`: every socket subscribes to one topic, every message is published to it, sender included).",
         s("securechat_version"),
@@ -528,10 +528,7 @@ fn header(out: &mut String, meta: &Value) {
             .as_u64()
             .unwrap_or(0)
             / 1024,
-        meta["securechat_limits"]["max_write_buffer_bytes"]
-            .as_u64()
-            .unwrap_or(0)
-            / 1024,
+        tls_send_buffer(&meta["securechat_limits"]) / 1024,
         meta["securechat_limits"]["ping_interval_secs"],
         s("ws_version"),
         s("node_version"),
@@ -718,7 +715,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
         let limits = &meta["securechat_limits"];
         let stalled = get("slow", &variant, "securechat", "/params/stalled").unwrap_or(0.0);
         let per_conn = (limits["outbound_queue_bytes"].as_f64().unwrap_or(0.0)
-            + limits["max_write_buffer_bytes"].as_f64().unwrap_or(0.0))
+            + tls_send_buffer(limits) as f64)
         .max(0.0);
         let bound = stalled * per_conn;
         let growth = get("slow", &variant, "securechat", "/server_memory/growth");
@@ -734,10 +731,10 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
         let (gs, gw, gb) = three("slow", &variant, "/server_memory/growth");
         line(
             format!(
-                "… and server memory stays within the queue bounds ({:.0} stalled × (queue {} KiB + write buffer {} KiB) = {:.0} MiB) (peak growth, MiB)",
+                "… and server memory stays within the queue bounds ({:.0} stalled × (queue {} KiB + TLS send buffer {} KiB) = {:.0} MiB) (peak growth, MiB)",
                 stalled,
                 limits["outbound_queue_bytes"].as_u64().unwrap_or(0) / 1024,
-                limits["max_write_buffer_bytes"].as_u64().unwrap_or(0) / 1024,
+                tls_send_buffer(limits) / 1024,
                 bound / 1048576.0
             ),
             (mib(gs), mib(gw), mib(gb)),
@@ -1090,4 +1087,13 @@ fn draw_charts(runs: &Runs, dir: &Path) -> Result<Vec<(String, String)>, String>
         drawn.push(("handshake.png".into(), "Handshakes".into()));
     }
     Ok(drawn)
+}
+
+/// The TLS send buffer of a results file's securechat limits (older files
+/// recorded the WebSocket write buffer in its place).
+fn tls_send_buffer(limits: &Value) -> u64 {
+    limits["tls_send_buffer_bytes"]
+        .as_u64()
+        .or_else(|| limits["max_write_buffer_bytes"].as_u64())
+        .unwrap_or(0)
 }

@@ -112,6 +112,9 @@ pub struct Args {
 pub const OUTBOUND_QUEUE_MESSAGES: u64 = 256;
 pub const OUTBOUND_QUEUE_BYTES: u64 = 1024 * 1024;
 pub const MAX_WRITE_BUFFER_BYTES: u64 = 64 * 1024;
+/// What rustls holds encrypted and unsent per connection at most (its
+/// default buffer limit), on top of the outbound queue.
+pub const TLS_SEND_BUFFER_BYTES: u64 = 64 * 1024;
 pub const PING_INTERVAL_SECS: u64 = 20;
 
 /// One scenario run, as the command line of the load generator.
@@ -846,6 +849,7 @@ fn meta(args: &Args, reps: usize, setup: &Setup) -> Value {
             "outbound_queue_messages": OUTBOUND_QUEUE_MESSAGES,
             "outbound_queue_bytes": OUTBOUND_QUEUE_BYTES,
             "max_write_buffer_bytes": MAX_WRITE_BUFFER_BYTES,
+            "tls_send_buffer_bytes": TLS_SEND_BUFFER_BYTES,
             "ping_interval_secs": PING_INTERVAL_SECS,
         },
         "plans": plans(args).iter().map(|p| json!({"scenario": p.scenario, "args": p.args})).collect::<Vec<_>>(),

@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncWrite, ReadHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -91,106 +91,128 @@ struct Session {
     state: Arc<AppState>,
 }
 
+/// What a session starts from, gathered before the upgrade completes.
+pub struct Start {
+    pub identity: Identity,
+    pub meta: ConnMeta,
+    pub user: UserSlot,
+    pub state: Arc<AppState>,
+}
+
 /// Runs a session to its end. Never panics on peer data.
-pub async fn run(io: Io, identity: Identity, meta: ConnMeta, user: UserSlot, state: Arc<AppState>) {
-    let limits = &state.config.limits;
-    let (outbox, outbox_rx) =
-        outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
-    let (read, write) = tokio::io::split(io);
-    let too_fragmented = Arc::new(AtomicBool::new(false));
-    let read = FragmentLimited::new(
-        ReplyIo::new(read, outbox.clone()),
-        limits.max_fragments_per_message,
-        too_fragmented.clone(),
+///
+/// The session's task lives as long as the connection, so its size is
+/// memory every idle connection pays: the setup is synchronous and the one
+/// long-running future ([`Connection::drive`]) holds each piece of state
+/// once, borrowing it in place rather than moving it between futures.
+pub async fn run(io: Io, start: Box<Start>) {
+    let span = tracing::info_span!(
+        "session",
+        session = tracing::field::Empty,
+        peer = %start.meta.peer,
+        client = %start.meta.client,
+        user = %start.identity.sub
     );
-    let ws = WebSocketStream::from_raw_socket(read, Role::Server, Some(state.ws_config)).await;
-    let id = state.next_session_id();
-    let span = tracing::info_span!("session", session = id, peer = %meta.peer, client = %meta.client, user = %identity.sub);
-    let parts = Parts {
-        ws,
-        write,
-        outbox,
-        outbox_rx,
-        too_fragmented,
+    let Some(connection) = span.in_scope(|| Connection::open(io, *start)) else {
+        return;
     };
-    run_inner(parts, identity, meta, user, state, id)
-        .instrument(span)
-        .await
+    span.record("session", connection.session.id);
+    Box::new(connection).drive().instrument(span).await
 }
 
-/// The connection, split for the reader and the writer.
-struct Parts {
-    ws: Ws,
-    write: WriteHalf<Io>,
-    outbox: Outbox,
-    outbox_rx: OutboxReceiver,
-    too_fragmented: Arc<AtomicBool>,
+/// A session with its connection split for the reader and the writer.
+struct Connection {
+    session: Session,
+    stream: Ws,
+    writer: tokio::task::JoinHandle<()>,
+    started: Instant,
 }
 
-async fn run_inner(
-    parts: Parts,
-    identity: Identity,
-    meta: ConnMeta,
-    user: UserSlot,
-    state: Arc<AppState>,
-    id: u64,
-) {
-    let Parts {
-        ws: mut stream,
-        write,
-        outbox,
-        outbox_rx,
-        too_fragmented,
-    } = parts;
-    let started = Instant::now();
-    let mut session = Session::new(id, identity, outbox.clone(), user, state.clone());
-    session.too_fragmented = too_fragmented;
-    info!(
-        event = "conn.open",
-        client_cert = meta.client_subject.as_deref().unwrap_or(""),
-        credential = meta.credential_source,
-        http = meta.http_version,
-        "connection open"
-    );
-    metrics::gauge!("securechat_connections_open").increment(1.0);
-    session.welcome();
+impl Connection {
+    /// Splits the connection, starts the writer and queues the welcome.
+    fn open(io: Io, start: Start) -> Option<Self> {
+        let Start {
+            identity,
+            meta,
+            user,
+            state,
+        } = start;
+        let limits = &state.config.limits;
+        let (outbox, outbox_rx) =
+            outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+        let (read, write) = tokio::io::split(io);
+        let too_fragmented = Arc::new(AtomicBool::new(false));
+        let read = FragmentLimited::new(
+            ReplyIo::new(read, outbox.clone()),
+            limits.max_fragments_per_message,
+            too_fragmented.clone(),
+        );
+        // Completes at its first poll (there is no handshake to do).
+        let stream = WebSocketStream::from_raw_socket(read, Role::Server, Some(state.ws_config))
+            .now_or_never()?;
+        let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
+        let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
+        let writer = tokio::spawn(write_loop(write, outbox_rx, close_timeout, ping_every));
+        let id = state.next_session_id();
+        let mut session = Session::new(id, identity, outbox, user, state);
+        session.too_fragmented = too_fragmented;
+        info!(
+            event = "conn.open",
+            client_cert = meta.client_subject.as_deref().unwrap_or(""),
+            credential = meta.credential_source,
+            http = meta.http_version,
+            "connection open"
+        );
+        metrics::gauge!("securechat_connections_open").increment(1.0);
+        session.welcome();
+        Some(Self {
+            session,
+            stream,
+            writer,
+            started: Instant::now(),
+        })
+    }
 
-    let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
-    let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
-    let mut writer = tokio::spawn(write_loop(write, outbox_rx, close_timeout, ping_every));
-
-    let reason = session.read_loop(&mut stream).await;
-    if reason == Disconnect::Normal {
-        // The client closed: tungstenite holds the echo of its close frame,
-        // which this hands to the writer before the queue closes.
-        let _ = stream.flush().await;
+    /// Boxed: an async fn keeps its arguments apart from its locals, so a
+    /// `Connection` passed by value would be held twice.
+    async fn drive(mut self: Box<Self>) {
+        let close_timeout =
+            Duration::from_millis(self.session.state.config.session.close_timeout_ms);
+        let reason = self.session.read_loop(&mut self.stream).await;
+        if reason == Disconnect::Normal {
+            // The client closed: tungstenite holds the echo of its close
+            // frame, which this hands to the writer before the queue closes.
+            let _ = self.stream.flush().await;
+        }
+        let outbox = &self.session.outbox;
+        outbox.close(reason);
+        // The writer sends what is queued and the close frame within
+        // `close_timeout`; the margin only covers scheduling.
+        let writer = &mut self.writer;
+        if tokio::time::timeout(close_timeout + Duration::from_secs(1), &mut *writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+        let reason = outbox.close_reason().unwrap_or(Disconnect::Normal);
+        if reason != Disconnect::Normal {
+            // The close frame is out (or the socket failed): wait briefly for
+            // the client's close reply, then drop the connection.
+            let _ = tokio::time::timeout(close_timeout, drain(&mut self.stream)).await;
+        }
+        self.session.leave_all();
+        metrics::gauge!("securechat_connections_open").decrement(1.0);
+        metrics::counter!("securechat_close_codes_total", "code" => reason.code().to_string())
+            .increment(1);
+        info!(
+            event = "conn.close",
+            reason = reason.reason(),
+            code = reason.code(),
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "connection closed"
+        );
     }
-    outbox.close(reason);
-    // The writer sends what is queued and the close frame within
-    // `close_timeout`; the margin only covers scheduling.
-    if tokio::time::timeout(close_timeout + Duration::from_secs(1), &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
-    let reason = outbox.close_reason().unwrap_or(Disconnect::Normal);
-    if reason != Disconnect::Normal {
-        // The close frame is out (or the socket failed): wait briefly for the
-        // client's close reply, then drop the connection.
-        let _ = tokio::time::timeout(close_timeout, drain(&mut stream)).await;
-    }
-    session.leave_all();
-    metrics::gauge!("securechat_connections_open").decrement(1.0);
-    metrics::counter!("securechat_close_codes_total", "code" => reason.code().to_string())
-        .increment(1);
-    info!(
-        event = "conn.close",
-        reason = reason.reason(),
-        code = reason.code(),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "connection closed"
-    );
 }
 
 /// Reads and discards until the peer's close (or an error).
@@ -224,8 +246,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         if let Some(reason) = rx.close_reason() {
             // Boxed, like the slow path below: run once, kept out of the
             // idle writer's size.
-            let finish = Box::pin(finish(&mut io, &mut rx, reason));
-            let _ = tokio::time::timeout(close_timeout, finish).await;
+            let finish = tokio::time::timeout(close_timeout, finish(&mut io, &mut rx, reason));
+            let _ = Box::pin(finish).await;
             return;
         }
         let bytes = rx.take(&mut batch, std::mem::take(&mut written));
@@ -246,7 +268,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .iter()
             .filter(|item| matches!(item, Outgoing::Text(_)))
             .count();
-        if !write_or_abandon(&mut io, &batch, &closer, close_timeout).await {
+        // Boxed (one allocation per batch): the write's state is only
+        // needed while it runs, and inline it would double the size of
+        // every idle writer.
+        if !Box::pin(write_or_abandon(&mut io, &batch, &closer, close_timeout)).await {
             return;
         }
         written = bytes;
