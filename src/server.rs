@@ -2,15 +2,18 @@
 //! deadline, and graceful shutdown.
 
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -252,7 +255,7 @@ async fn serve_connection(
     let Some(tls) = tls else {
         return serve_http(tcp, peer, None, state, hold, deadline).await;
     };
-    match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
+    match tokio::time::timeout_at(deadline, tls.accept(SendIo(tcp))).await {
         Ok(Ok(stream)) => {
             let subject = crate::tls::client_subject(stream.get_ref().1);
             serve_http(stream, peer, subject, state, hold, deadline).await
@@ -380,5 +383,56 @@ async fn answer_refusal(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refus
         None => {
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         }
+    }
+}
+
+/// A TCP stream for rustls to write to. rustls writes its records with a
+/// vectored write, usually of a single record; `send(2)` costs the kernel
+/// less than `writev(2)` for one buffer, and a session writes a record per
+/// delivery, so single-buffer writes take that path.
+struct SendIo(TcpStream);
+
+impl AsyncRead for SendIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SendIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        match (nonempty.next(), nonempty.next()) {
+            (Some(only), None) => Pin::new(&mut self.0).poll_write(cx, only),
+            (None, _) => Poll::Ready(Ok(0)),
+            _ => Pin::new(&mut self.0).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

@@ -76,32 +76,67 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     Bytes::from(frame)
 }
 
+/// Batches up to this size are framed on the stack; larger ones in vectors.
+const INLINE_BATCH: usize = 16;
+
 /// Writes `batch` as one vectored write and flushes once.
 pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
-    let headers: Vec<Header> = batch
-        .iter()
-        .filter_map(|item| match item {
-            Outgoing::Text(text) => Some(Header::new(OPCODE_TEXT, text.len())),
-            Outgoing::Framed(_) => None,
-        })
-        .collect();
-    let mut headers = headers.iter();
-    let mut slices = Vec::with_capacity(batch.len() * 2);
-    for item in batch {
-        match item {
-            Outgoing::Text(text) => {
-                if let Some(header) = headers.next() {
-                    slices.push(IoSlice::new(header.as_slice()));
-                }
-                slices.push(IoSlice::new(text.as_bytes()));
-            }
-            Outgoing::Framed(bytes) => slices.push(IoSlice::new(bytes)),
+    if batch.len() <= INLINE_BATCH {
+        // The common case (a message or a few per wake-up) allocates nothing.
+        let mut headers = [Header::new(OPCODE_TEXT, 0); INLINE_BATCH];
+        frame_headers(batch, &mut headers);
+        let mut slices = [IoSlice::new(&[]); 2 * INLINE_BATCH];
+        let count = fill_slices(batch, &headers, &mut slices);
+        write_all(io, &mut slices[..count]).await
+    } else {
+        let mut headers = vec![Header::new(OPCODE_TEXT, 0); batch.len()];
+        frame_headers(batch, &mut headers);
+        let mut slices = vec![IoSlice::new(&[]); 2 * batch.len()];
+        let count = fill_slices(batch, &headers, &mut slices);
+        write_all(io, &mut slices[..count]).await
+    }
+}
+
+/// The header of each text item, at its index in the batch.
+fn frame_headers(batch: &VecDeque<Outgoing>, headers: &mut [Header]) {
+    for (item, header) in batch.iter().zip(headers.iter_mut()) {
+        if let Outgoing::Text(text) = item {
+            *header = Header::new(OPCODE_TEXT, text.len());
         }
     }
-    let mut rest = &mut slices[..];
+}
+
+/// The batch as slices: header and body of each text, framed bytes as they
+/// are. Returns how many slices were filled.
+fn fill_slices<'a>(
+    batch: &'a VecDeque<Outgoing>,
+    headers: &'a [Header],
+    slices: &mut [IoSlice<'a>],
+) -> usize {
+    let mut count = 0;
+    for (item, header) in batch.iter().zip(headers) {
+        match item {
+            Outgoing::Text(text) => {
+                slices[count] = IoSlice::new(header.as_slice());
+                slices[count + 1] = IoSlice::new(text.as_bytes());
+                count += 2;
+            }
+            Outgoing::Framed(bytes) => {
+                slices[count] = IoSlice::new(bytes);
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+async fn write_all<W>(io: &mut W, mut rest: &mut [IoSlice<'_>]) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
     while !rest.is_empty() {
         let written = io.write_vectored(rest).await?;
         if written == 0 {
@@ -221,6 +256,22 @@ mod tests {
         expected.extend_from_slice(&[0x89, 0]);
         expected.extend_from_slice(&[0x81, 126, 1, 44]);
         expected.extend_from_slice("x".repeat(300).as_bytes());
+        assert_eq!(out, expected);
+    }
+
+    #[tokio::test]
+    async fn large_batches_are_framed_like_small_ones() {
+        let batch: VecDeque<Outgoing> = (0..INLINE_BATCH * 3)
+            .map(|i| Outgoing::Text(format!("m{i}").into()))
+            .collect();
+        let mut out = Vec::new();
+        write_batch(&mut out, &batch).await.expect("written");
+        let mut expected = Vec::new();
+        for i in 0..INLINE_BATCH * 3 {
+            let body = format!("m{i}");
+            expected.extend_from_slice(&[0x81, body.len() as u8]);
+            expected.extend_from_slice(body.as_bytes());
+        }
         assert_eq!(out, expected);
     }
 }
