@@ -397,3 +397,45 @@ async fn a_client_close_is_answered_and_pings_are_answered() {
     let end = tokio::time::timeout(WAIT, client.ws.next()).await;
     assert!(matches!(end, Ok(None) | Ok(Some(Err(_)))), "{end:?}");
 }
+
+#[tokio::test]
+async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
+    use rustls_pki_types::pem::PemObject;
+
+    let server = TestServer::start().await;
+    let ca = server.pki.ca.cert_pem.clone();
+    // rustls' own order puts AES-256-GCM first, as many non-browser clients do.
+    for (protocol, first) in [
+        (
+            &rustls::version::TLS13,
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        ),
+        (
+            &rustls::version::TLS12,
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        ),
+    ] {
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.cipher_suites.sort_by_key(|s| s.suite() != first);
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(provider.into())
+            .with_protocol_versions(&[protocol])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        let suite = tls.get_ref().1.negotiated_cipher_suite().unwrap().suite();
+        let expected = if protocol == &rustls::version::TLS13 {
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        } else {
+            rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        };
+        assert_eq!(suite, expected, "client preferred {first:?}");
+    }
+}

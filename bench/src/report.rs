@@ -716,7 +716,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
         let stalled = get("slow", &variant, "securechat", "/params/stalled").unwrap_or(0.0);
         let per_conn = (limits["outbound_queue_bytes"].as_f64().unwrap_or(0.0)
             + tls_send_buffer(limits) as f64)
-        .max(0.0);
+            .max(0.0);
         let bound = stalled * per_conn;
         let growth = get("slow", &variant, "securechat", "/server_memory/growth");
         let bounded = growth.map(|g| g <= bound);

@@ -60,3 +60,54 @@ pub fn median(values: &mut [f64]) -> Option<f64> {
         _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_come_out_in_milliseconds() {
+        let mut h = histogram();
+        // 1..=1000 ms, one each.
+        for ms in 1..=1000u64 {
+            record_ns(&mut h, ms * 1_000_000);
+        }
+        let l = Latency::of(&h);
+        assert_eq!(l.count, 1000);
+        // Three significant figures.
+        assert!((l.p50_ms - 500.0).abs() <= 0.5, "{}", l.p50_ms);
+        assert!((l.p99_ms - 990.0).abs() <= 1.0, "{}", l.p99_ms);
+        assert!((l.p999_ms - 999.0).abs() <= 1.0, "{}", l.p999_ms);
+        assert!((l.max_ms - 1000.0).abs() <= 1.0, "{}", l.max_ms);
+        assert!((l.mean_ms - 500.5).abs() <= 0.5, "{}", l.mean_ms);
+    }
+
+    #[test]
+    fn sub_microsecond_and_huge_latencies_are_kept() {
+        let mut h = histogram();
+        record_ns(&mut h, 0);
+        record_ns(&mut h, 999);
+        // Past the top bound (10 minutes): recorded at the bound, not lost.
+        record_ns(&mut h, 3_600 * 1_000_000_000);
+        assert_eq!(h.len(), 3);
+        assert_eq!(h.min(), 1);
+        assert!(h.max() >= 599_000_000);
+    }
+
+    #[test]
+    fn an_empty_histogram_reports_nothing_measured() {
+        let l = Latency::of(&histogram());
+        assert_eq!(l.count, 0);
+        assert!(l.p99_ms.is_nan() && l.max_ms.is_nan());
+        // NaN is written as null in the summary line.
+        let json = serde_json::to_value(&l).expect("serializes");
+        assert!(json["p99_ms"].is_null());
+    }
+
+    #[test]
+    fn medians_of_odd_even_and_no_values() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&mut []), None);
+    }
+}

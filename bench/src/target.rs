@@ -328,3 +328,112 @@ pub fn close_code(message: &Message) -> Option<u16> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str, protocol: Proto, secret: Option<PathBuf>) -> TargetArgs {
+        TargetArgs {
+            url: url.into(),
+            protocol,
+            server_pid: None,
+            server_name: "test".into(),
+            jwt_secret_file: secret,
+            kid: "bench".into(),
+            room: "bench".into(),
+            ca: None,
+            kx: crate::tls::Kx::X25519,
+            source_ips: 0,
+            connect_concurrency: 1,
+            read_buffer: 4096,
+        }
+    }
+
+    fn secret_file() -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "securechat-bench-test-{}.secret",
+            std::process::id()
+        ));
+        std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").expect("temp file");
+        path
+    }
+
+    #[test]
+    fn securechat_frames_are_sends_and_only_messages_are_deliveries() {
+        let target = Target::new(
+            &args(
+                "wss://127.0.0.1:8443/ws",
+                Proto::Securechat,
+                Some(secret_file()),
+            ),
+            1,
+        )
+        .expect("target");
+        let frame = target.send_frame(7, "7:123:1:xx");
+        let sent: serde_json::Value = serde_json::from_str(&frame).expect("JSON");
+        assert_eq!(sent["type"], "send");
+        assert_eq!(sent["room"], "bench");
+        assert_eq!(sent["id"], "7");
+        assert_eq!(sent["body"], "7:123:1:xx");
+
+        // A delivery as the server writes it (docs/protocol.md).
+        let message = r#"{"type":"message","room":"bench","seq":42,"id":"635ed94c","from":{"sub":"u1","name":"u1"},"body":"7:123:1:xx","ts":"2026-11-27T00:12:33.109Z"}"#;
+        assert_eq!(target.delivered_body(message), Some("7:123:1:xx"));
+        for other in [
+            r#"{"type":"ack","ref":"7","seq":42,"id":"635ed94c"}"#,
+            r#"{"type":"welcome","session":"s","user":{"sub":"u1"}}"#,
+            r#"{"type":"error","code":"rate_limited","message":"slow down"}"#,
+            "",
+        ] {
+            assert_eq!(target.delivered_body(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn raw_frames_are_the_body_both_ways() {
+        let target =
+            Target::new(&args("wss://127.0.0.1:9000", Proto::Raw, None), 1).expect("target");
+        assert_eq!(&*target.send_frame(1, "1:2:1:"), "1:2:1:");
+        assert_eq!(target.delivered_body("1:2:1:"), Some("1:2:1:"));
+        assert_eq!(target.url, "wss://localhost:9000/");
+    }
+
+    #[test]
+    fn only_loopback_servers_are_loaded() {
+        for url in ["wss://10.0.0.1:8443/ws", "wss://192.168.1.1:443/"] {
+            let err = Target::new(&args(url, Proto::Raw, None), 1)
+                .err()
+                .expect("refused");
+            assert!(err.contains("not a loopback address"), "{err}");
+        }
+        assert!(Target::new(&args("ws://127.0.0.1:1/", Proto::Raw, None), 1).is_err());
+        assert!(Target::new(&args("wss://[::1]:8443/ws", Proto::Raw, None), 1).is_ok());
+        // securechat needs the token secret.
+        assert!(Target::new(&args("wss://127.0.0.1:1/", Proto::Securechat, None), 1).is_err());
+    }
+
+    #[test]
+    fn connections_spread_over_source_addresses() {
+        let target =
+            Target::new(&args("wss://127.0.0.1:1/", Proto::Raw, None), 12_000).expect("target");
+        // 12,000 connections: three addresses, used in turn.
+        let sources: Vec<IpAddr> = (0..6).map(|i| target.source(i)).collect();
+        assert_eq!(sources[0], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)));
+        assert_eq!(sources[2], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)));
+        assert_eq!(sources[3], sources[0]);
+    }
+
+    #[test]
+    fn close_codes_are_read_from_close_frames() {
+        use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+        let close = Message::Close(Some(CloseFrame {
+            code: CloseCode::from(4009),
+            reason: "slow_consumer".into(),
+        }));
+        assert_eq!(close_code(&close), Some(4009));
+        assert_eq!(close_code(&Message::Close(None)), Some(1005));
+        assert_eq!(close_code(&Message::Text("x".into())), None);
+    }
+}

@@ -84,6 +84,22 @@ pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Resul
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
+    if !io.is_write_vectored() {
+        // A stream without vectored writes (WebSocket over HTTP/2) would
+        // take one slice per write, each its own DATA frame: gather first.
+        let len = batch.iter().map(|item| item.len() + 10).sum();
+        let mut bytes = Vec::with_capacity(len);
+        for item in batch {
+            match item {
+                Outgoing::Text(text) => {
+                    bytes.extend_from_slice(Header::new(OPCODE_TEXT, text.len()).as_slice());
+                    bytes.extend_from_slice(text.as_bytes());
+                }
+                Outgoing::Framed(framed) => bytes.extend_from_slice(framed),
+            }
+        }
+        return write_all(io, &mut [IoSlice::new(&bytes)]).await;
+    }
     if batch.len() <= INLINE_BATCH {
         // The common case (a message or a few per wake-up) allocates nothing.
         let mut headers = [Header::new(OPCODE_TEXT, 0); INLINE_BATCH];
@@ -257,6 +273,41 @@ mod tests {
         expected.extend_from_slice(&[0x81, 126, 1, 44]);
         expected.extend_from_slice("x".repeat(300).as_bytes());
         assert_eq!(out, expected);
+    }
+
+    /// A stream without vectored writes that records each write.
+    #[derive(Default)]
+    struct PlainWrites(Vec<Vec<u8>>);
+
+    impl AsyncWrite for PlainWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.0.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn without_vectored_writes_a_batch_is_one_write() {
+        let batch: VecDeque<Outgoing> = [
+            Outgoing::Text("a".into()),
+            Outgoing::Framed(ping_frame()),
+            Outgoing::Text("b".into()),
+        ]
+        .into_iter()
+        .collect();
+        let mut io = PlainWrites::default();
+        write_batch(&mut io, &batch).await.expect("written");
+        assert_eq!(io.0, [vec![0x81, 1, b'a', 0x89, 0, 0x81, 1, b'b']]);
     }
 
     #[tokio::test]

@@ -13,6 +13,8 @@ use crate::procfs::{Meters, Proc};
 use crate::target::{Target, TargetArgs};
 
 #[derive(clap::Args, Clone, Debug)]
+// Named: every scenario's struct is `Args`, and `slow` holds `fanout`'s.
+#[group(id = "fanout")]
 pub struct Args {
     #[command(flatten)]
     pub target: TargetArgs,
@@ -112,6 +114,7 @@ pub async fn run(args: Args) -> Result<Value, String> {
         json!(room.send_errors.load(Ordering::Relaxed)),
     );
     m.insert("endings".into(), room.endings.json());
+    m.insert("totals".into(), room.totals_json(recipients));
     Ok(Value::Object(m))
 }
 
@@ -142,6 +145,16 @@ pub async fn connect(
     .await
 }
 
+/// When sender `index` of `senders` sends so that together they send `rate`
+/// messages per second, evenly spread: every `period`, starting `offset`
+/// after the room opens (senders one stagger step apart).
+pub fn pacing(rate: f64, senders: usize, index: usize) -> (Duration, Duration) {
+    let senders = senders.max(1);
+    let period = Duration::from_secs_f64(senders as f64 / rate.max(0.001));
+    let offset = period.mul_f64((index % senders) as f64 / senders as f64);
+    (period, offset)
+}
+
 /// Connects every member with the role `role_of(index)` gives it.
 pub async fn connect_with_roles(
     room: &Arc<Room>,
@@ -150,7 +163,7 @@ pub async fn connect_with_roles(
     bar: &indicatif::ProgressBar,
     role_of: impl Fn(usize) -> Role + Clone + Send + Sync + 'static,
 ) -> super::Connected {
-    let period = Duration::from_secs_f64(senders as f64 / args.rate.max(0.001));
+    let rate = args.rate;
     let room2 = room.clone();
     super::connect_members(
         &room.target,
@@ -160,11 +173,40 @@ pub async fn connect_with_roles(
         move |index, ws| {
             let room = room2.clone();
             let role = role_of(index);
-            // Senders tick one stagger step apart; they send nothing until
-            // the room leaves its set-up phase.
-            let first = tokio::time::Instant::now() + period.mul_f64(index as f64 / senders as f64);
-            room.member(ws, role, period, first)
+            // They send nothing until the room leaves its set-up phase.
+            let (period, offset) = pacing(rate, senders, index);
+            room.member(ws, role, period, tokio::time::Instant::now() + offset)
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn senders_together_offer_the_rate_evenly_spread() {
+        for (rate, senders) in [(100.0, 10), (800.0, 10), (7.0, 3), (1.0, 1)] {
+            let slots: Vec<(Duration, Duration)> =
+                (0..senders).map(|i| pacing(rate, senders, i)).collect();
+            let total: f64 = slots.iter().map(|(p, _)| 1.0 / p.as_secs_f64()).sum();
+            // Periods are whole nanoseconds: equal to within that rounding.
+            assert!((total - rate).abs() < rate * 1e-6, "{total} != {rate}");
+            // Offsets step by period / senders, all within one period.
+            let (period, _) = slots[0];
+            let step = period.as_secs_f64() / senders as f64;
+            for (i, (_, offset)) in slots.iter().enumerate() {
+                assert!((offset.as_secs_f64() - step * i as f64).abs() < 1e-9);
+                assert!(*offset < period);
+            }
+        }
+    }
+
+    #[test]
+    fn a_zero_rate_does_not_divide_by_zero() {
+        let (period, offset) = pacing(0.0, 0, 5);
+        assert!(period.as_secs_f64().is_finite() && period > Duration::ZERO);
+        assert_eq!(offset, Duration::ZERO);
+    }
 }

@@ -14,6 +14,8 @@ use crate::stats::{self, Latency};
 use crate::target::{Target, TargetArgs};
 
 #[derive(clap::Args, Clone, Debug)]
+// Named: every scenario's struct is `Args`, and `slow` holds `fanout`'s.
+#[group(id = "handshake")]
 pub struct Args {
     #[command(flatten)]
     pub target: TargetArgs,

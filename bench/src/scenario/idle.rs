@@ -15,6 +15,8 @@ use crate::procfs::{Meters, Proc};
 use crate::target::{Target, TargetArgs, Ws, close_code};
 
 #[derive(clap::Args, Clone, Debug)]
+// Named: every scenario's struct is `Args`, and `slow` holds `fanout`'s.
+#[group(id = "idle")]
 pub struct Args {
     #[command(flatten)]
     pub target: TargetArgs,

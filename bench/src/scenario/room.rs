@@ -60,6 +60,9 @@ pub struct Room {
     delivered: [AtomicU64; PHASES],
     /// Deliveries to any member, by the phase current when they arrived.
     arrived: [AtomicU64; PHASES],
+    /// Deliveries to a measured member of a message it already had, by
+    /// the phase the message was sent in.
+    duplicates: [AtomicU64; PHASES],
     /// Every delivery to a measured member, by the phase it was sent in.
     latency: [Mutex<Histogram<u64>>; PHASES],
     /// Per message: measured recipients so far, the largest latency (ns),
@@ -86,6 +89,7 @@ impl Room {
             sent: Default::default(),
             delivered: Default::default(),
             arrived: Default::default(),
+            duplicates: Default::default(),
             latency: std::array::from_fn(|_| Mutex::new(stats::histogram())),
             per_message: (0..capacity)
                 .map(|_| (AtomicU32::new(0), AtomicU64::new(0), AtomicU8::new(u8::MAX)))
@@ -129,6 +133,10 @@ impl Room {
         self.delivered[phase as usize].load(Ordering::Relaxed)
     }
 
+    pub fn duplicates(&self, phase: u8) -> u64 {
+        self.duplicates[phase as usize].load(Ordering::Relaxed)
+    }
+
     /// Deliveries of every message sent so far to `measured` members.
     pub fn delivered_total(&self) -> u64 {
         self.delivered
@@ -137,8 +145,9 @@ impl Room {
             .sum()
     }
 
-    /// A delivery arrived at a member.
-    fn on_text(&self, text: &str, measured: bool) {
+    /// A delivery arrived at a member; `seen` holds the messages this
+    /// member already had.
+    fn on_text(&self, text: &str, measured: bool, seen: &mut Seen) {
         let Some(body) = self.target.delivered_body(text) else {
             return;
         };
@@ -148,15 +157,14 @@ impl Room {
         if !measured {
             return;
         }
-        let mut parts = body.splitn(4, ':');
-        let (Some(seq), Some(sent_at), Some(phase)) = (
-            parts.next().and_then(|s| s.parse::<u64>().ok()),
-            parts.next().and_then(|s| s.parse::<u64>().ok()),
-            parts.next().and_then(|s| s.parse::<usize>().ok()),
-        ) else {
+        let Some((seq, sent_at, phase)) = parse_body(body) else {
             return;
         };
-        let phase = phase.min(PHASES - 1);
+        let phase = (phase as usize).min(PHASES - 1);
+        if !seen.insert(seq) {
+            self.duplicates[phase].fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let latency = now.saturating_sub(sent_at);
         self.delivered[phase].fetch_add(1, Ordering::Relaxed);
         stats::record_ns(
@@ -180,7 +188,7 @@ impl Room {
             p.store(phase, Ordering::Relaxed);
         }
         self.sent[phase as usize].fetch_add(1, Ordering::Relaxed);
-        let body = format!("{seq}:{}:{phase}:{}", self.now_ns(), self.pad);
+        let body = format_body(seq, self.now_ns(), phase, &self.pad);
         Some(self.target.send_frame(seq, &body))
     }
 
@@ -212,6 +220,7 @@ impl Room {
         let stopped = stop.changed();
         tokio::pin!(stopped);
         let measured = role != Role::Victim;
+        let mut seen = Seen::new(self.per_message.len());
         let mut code = None;
         let mut told = false;
         loop {
@@ -223,7 +232,7 @@ impl Room {
                 }
                 frame = stream.next() => match frame {
                     Some(Ok(Message::Text(text))) => {
-                        self.on_text(&text, measured);
+                        self.on_text(&text, measured, &mut seen);
                         if role == Role::Victim && self.stall.load(Ordering::Acquire) {
                             // Stop reading: hold the socket until the end.
                             let _ = (&mut stopped).await;
@@ -319,9 +328,23 @@ impl Room {
             "expected": expected,
             "delivered": delivered,
             "loss": if expected == 0 { 0.0 } else { 1.0 - delivered.min(expected) as f64 / expected as f64 },
+            "duplicates": self.duplicates(phase),
             "latency": self.latency(phase),
             "last_recipient": last,
             "incomplete_messages": incomplete,
+        })
+    }
+
+    /// Every message of the run, warm-up and drain included: sent, the
+    /// deliveries to `recipients` measured members that were expected, those
+    /// that arrived (each message counted once per member) and duplicates.
+    pub fn totals_json(&self, recipients: u32) -> Value {
+        let sent = self.sent_total();
+        json!({
+            "sent": sent,
+            "expected": sent * recipients as u64,
+            "delivered": self.delivered_total(),
+            "duplicates": (0..PHASES as u8).map(|p| self.duplicates(p)).sum::<u64>(),
         })
     }
 
@@ -344,5 +367,75 @@ impl Room {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         started.elapsed().as_secs_f64()
+    }
+}
+
+/// A message body: `seq:sent_at_ns:phase:padding`.
+pub fn format_body(seq: u64, sent_at_ns: u64, phase: u8, pad: &str) -> String {
+    format!("{seq}:{sent_at_ns}:{phase}:{pad}")
+}
+
+/// The sequence number, send time and phase of a body from [`format_body`].
+pub fn parse_body(body: &str) -> Option<(u64, u64, u8)> {
+    let mut parts = body.splitn(4, ':');
+    let seq = parts.next()?.parse().ok()?;
+    let sent_at = parts.next()?.parse().ok()?;
+    let phase = parts.next()?.parse().ok()?;
+    Some((seq, sent_at, phase))
+}
+
+/// The sequence numbers one member has received: a bit per message the
+/// room tracks, and a set for any beyond.
+pub struct Seen {
+    bits: Vec<u64>,
+    beyond: std::collections::HashSet<u64>,
+}
+
+impl Seen {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            bits: vec![0; capacity.div_ceil(64)],
+            beyond: std::collections::HashSet::new(),
+        }
+    }
+
+    /// Records `seq`; `false` if it was already there.
+    pub fn insert(&mut self, seq: u64) -> bool {
+        let (word, bit) = ((seq / 64) as usize, seq % 64);
+        match self.bits.get_mut(word) {
+            Some(w) => {
+                let fresh = *w & (1 << bit) == 0;
+                *w |= 1 << bit;
+                fresh
+            }
+            None => self.beyond.insert(seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_round_trip_with_any_padding() {
+        for pad in ["", "x", "xx:yy", &"x".repeat(2000)] {
+            let body = format_body(42, 1_234_567_890, WINDOW_B, pad);
+            assert_eq!(parse_body(&body), Some((42, 1_234_567_890, WINDOW_B)));
+        }
+        assert_eq!(parse_body("not a body"), None);
+        assert_eq!(parse_body("1:2"), None);
+        assert_eq!(parse_body("1:x:2:"), None);
+    }
+
+    #[test]
+    fn seen_finds_duplicates_inside_and_beyond_capacity() {
+        let mut seen = Seen::new(100);
+        for seq in [0, 63, 64, 99, 100, 5_000] {
+            assert!(seen.insert(seq), "first {seq}");
+            assert!(!seen.insert(seq), "again {seq}");
+        }
+        assert!(seen.insert(1));
+        assert!(seen.insert(5_001));
     }
 }

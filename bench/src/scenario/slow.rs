@@ -3,6 +3,7 @@
 //! memory must stay bounded and the others' latency unchanged.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -12,6 +13,8 @@ use crate::procfs::Meters;
 use crate::target::Target;
 
 #[derive(clap::Args, Clone, Debug)]
+// Named: every scenario's struct is `Args`, and `slow` holds `fanout`'s.
+#[group(id = "slow")]
 pub struct Args {
     #[command(flatten)]
     pub fanout: super::fanout::Args,
@@ -165,6 +168,11 @@ pub async fn run(args: Args) -> Result<Value, String> {
         json!((other_a + other_b) / (secs_a + secs_b)),
     );
     m.insert("endings".into(), room.endings.json());
+    m.insert("totals".into(), room.totals_json(recipients));
+    m.insert(
+        "send_errors".into(),
+        json!(room.send_errors.load(Ordering::Relaxed)),
+    );
     Ok(Value::Object(m))
 }
 
