@@ -29,7 +29,7 @@ fn redis_node(url: String, secret: PathBuf) -> impl FnOnce(&mut Config) + Send +
         c.broker.url = url;
         c.broker.secret_file = Some(secret);
         c.broker.connect_timeout_ms = 1_000;
-        c.broker.response_timeout_ms = 500;
+        c.broker.response_timeout_ms = 2_000;
         c.broker.max_backoff_ms = 200;
     }
 }
