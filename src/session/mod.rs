@@ -114,6 +114,8 @@ pub async fn run(io: Io, start: Box<Start>) {
         user = %start.identity.sub
     );
     let Some(connection) = span.in_scope(|| Connection::open(io, *start)) else {
+        // Not expected: the WebSocket wrapper is ready at its first poll.
+        span.in_scope(|| debug!(event = "upgrade.failed", reason = "websocket_setup"));
         return;
     };
     span.record("session", connection.session.id);
