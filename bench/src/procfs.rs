@@ -123,8 +123,9 @@ impl CpuMeter {
     }
 }
 
-/// Busy CPU time of the whole machine (all cores, from `/proc/stat`), in seconds.
-pub fn machine_busy_secs() -> f64 {
+/// Busy jiffies of the whole machine (all cores, from `/proc/stat`): user,
+/// nice, system, irq, softirq and steal; idle and iowait left out.
+fn machine_busy_jiffies() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let fields: Vec<u64> = stat
         .lines()
@@ -134,15 +135,18 @@ pub fn machine_busy_secs() -> f64 {
         .skip(1)
         .filter_map(|v| v.parse().ok())
         .collect();
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let busy: u64 = fields
+    fields
         .iter()
         .take(8)
         .enumerate()
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, v)| *v)
-        .sum();
-    busy as f64 / clock_ticks()
+        .sum()
+}
+
+/// Busy CPU time of the whole machine, in seconds.
+pub fn machine_busy_secs() -> f64 {
+    machine_busy_jiffies() as f64 / clock_ticks()
 }
 
 /// CPU used by the server, by the load generator, and by everything else,

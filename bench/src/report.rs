@@ -12,11 +12,21 @@ use crate::stats::median;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
-    /// The results file the suite wrote.
+    #[command(flatten)]
+    pub files: Files,
+}
+
+/// Where the results, the report, its charts and the notes are; shared by
+/// `suite` (which writes the results) and `report`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Files {
+    /// The results file (JSON): every run's summary.
     #[arg(long, default_value = "bench/results/latest.json")]
     pub results: PathBuf,
+    /// Where the report goes.
     #[arg(long, default_value = "docs/benchmarks.md")]
     pub report: PathBuf,
+    /// Where the charts go.
     #[arg(long, default_value = "docs/benchmarks")]
     pub charts: PathBuf,
     /// Hand-written analysis appended to the report, when the file exists.
@@ -24,11 +34,18 @@ pub struct Args {
     pub notes: PathBuf,
 }
 
+impl Files {
+    /// Writes the report and charts for `results`.
+    pub fn write(&self, results: &Value) -> Result<(), String> {
+        write(results, &self.report, &self.charts, &self.notes)
+    }
+}
+
 pub fn run(args: Args) -> Result<(), String> {
-    let text = std::fs::read_to_string(&args.results)
-        .map_err(|e| format!("{}: {e}", args.results.display()))?;
+    let path = &args.files.results;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let results: Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
-    write(&results, &args.report, &args.charts, &args.notes)
+    args.files.write(&results)
 }
 
 /// The runs of one suite, grouped for medians.
@@ -874,71 +891,55 @@ fn draw_panel(
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70);
+    // The same bars on a log or a linear axis: two coordinate types, one
+    // drawing. `$base` is where a bar starts (a log axis has no zero).
+    macro_rules! draw_bars {
+        ($chart:expr, $base:expr) => {{
+            let mut chart = $chart;
+            let base: f64 = $base;
+            chart
+                .configure_mesh()
+                .disable_x_mesh()
+                .light_line_style(RGBColor(238, 238, 238))
+                .y_desc(panel.y_label.as_str())
+                .label_style(("sans-serif", 14))
+                .draw()?;
+            for (j, (name, vals)) in panel.series.iter().enumerate() {
+                let colour = COLOURS[j % COLOURS.len()];
+                chart
+                    .draw_series(vals.iter().enumerate().filter_map(|(i, v)| {
+                        let v = (*v)?;
+                        let x0 = i as f64 + 0.1 + j as f64 * width;
+                        Some(Rectangle::new(
+                            [(x0, base), (x0 + width * 0.9, v.max(base))],
+                            colour.filled(),
+                        ))
+                    }))?
+                    .label(name.as_str())
+                    .legend(move |(x, y)| {
+                        Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
+                    });
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .label_font(("sans-serif", 14))
+                .position(SeriesLabelPosition::UpperLeft)
+                .draw()?;
+        }};
+    }
     if panel.log {
         let low = (min.min(max) / 2.0).max(1e-6);
-        let mut chart = builder.build_cartesian_2d(axis.clone(), (low..max * 2.0).log_scale())?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .light_line_style(RGBColor(238, 238, 238))
-            .y_desc(panel.y_label.as_str())
-            .label_style(("sans-serif", 14))
-            .draw()?;
-        for (j, (name, vals)) in panel.series.iter().enumerate() {
-            let colour = COLOURS[j % COLOURS.len()];
-            chart
-                .draw_series(vals.iter().enumerate().filter_map(|(i, v)| {
-                    let v = (*v)?;
-                    let x0 = i as f64 + 0.1 + j as f64 * width;
-                    Some(Rectangle::new(
-                        [(x0, low), (x0 + width * 0.9, v.max(low))],
-                        colour.filled(),
-                    ))
-                }))?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        draw_bars!(
+            builder.build_cartesian_2d(axis.clone(), (low..max * 2.0).log_scale())?,
+            low
+        );
     } else {
-        let mut chart = builder.build_cartesian_2d(axis.clone(), 0f64..max * 1.15)?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .light_line_style(RGBColor(238, 238, 238))
-            .y_desc(panel.y_label.as_str())
-            .label_style(("sans-serif", 14))
-            .draw()?;
-        for (j, (name, vals)) in panel.series.iter().enumerate() {
-            let colour = COLOURS[j % COLOURS.len()];
-            chart
-                .draw_series(vals.iter().enumerate().filter_map(|(i, v)| {
-                    let v = (*v)?;
-                    let x0 = i as f64 + 0.1 + j as f64 * width;
-                    Some(Rectangle::new(
-                        [(x0, 0.0), (x0 + width * 0.9, v)],
-                        colour.filled(),
-                    ))
-                }))?
-                .label(name.as_str())
-                .legend(move |(x, y)| {
-                    Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
-                });
-        }
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::UpperLeft)
-            .draw()?;
+        draw_bars!(
+            builder.build_cartesian_2d(axis.clone(), 0f64..max * 1.15)?,
+            0.0
+        );
     }
     Ok(())
 }

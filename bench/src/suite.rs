@@ -46,18 +46,8 @@ pub struct Args {
     /// Core the load generator is pinned to.
     #[arg(long, default_value_t = 1)]
     pub load_cpu: usize,
-    /// Where the results of every run go (JSON).
-    #[arg(long, default_value = "bench/results/latest.json")]
-    pub results: PathBuf,
-    /// Where the report goes.
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    pub report: PathBuf,
-    /// Where the charts go.
-    #[arg(long, default_value = "docs/benchmarks")]
-    pub charts: PathBuf,
-    /// Hand-written analysis appended to the report, when the file exists.
-    #[arg(long, default_value = "bench/notes.md")]
-    pub notes: PathBuf,
+    #[command(flatten)]
+    pub files: crate::report::Files,
     /// Connections of the idle scenario (default 10000, quick 2000).
     #[arg(long)]
     pub idle_connections: Option<usize>,
@@ -166,7 +156,7 @@ pub fn run(args: Args) -> Result<(), String> {
                     .as_array_mut()
                     .expect("an array")
                     .push(record);
-                save(&args.results, &results)?;
+                save(&args.files.results, &results)?;
             }
         }
     }
@@ -174,19 +164,19 @@ pub fn run(args: Args) -> Result<(), String> {
     eprintln!(
         "all runs done in {:.0} s; results in {}",
         started.elapsed().as_secs_f64(),
-        args.results.display()
+        args.files.results.display()
     );
-    crate::report::write(&results, &args.report, &args.charts, &args.notes)
+    args.files.write(&results)
 }
 
 /// The results file as it is, without the runs of `plans`, and noted as
 /// updated in its meta.
 fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
-    let Ok(text) = std::fs::read_to_string(&args.results) else {
+    let Ok(text) = std::fs::read_to_string(&args.files.results) else {
         return Ok(fresh);
     };
-    let mut old: Value =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", args.results.display()))?;
+    let mut old: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: {e}", args.files.results.display()))?;
     let replaced = |r: &Value| {
         plans
             .iter()
@@ -735,29 +725,11 @@ fn run_one(
     Ok(summary)
 }
 
-/// Busy and total jiffies of the whole machine.
-fn machine_jiffies() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let fields: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-    let total: u64 = fields.iter().take(8).sum();
-    (total - idle, total)
-}
-
 /// Cores busy over one second, with no server or load running.
 fn background_cores() -> f64 {
-    let (b0, _) = machine_jiffies();
+    let before = procfs::machine_busy_secs();
     std::thread::sleep(Duration::from_secs(1));
-    let (b1, _) = machine_jiffies();
-    (b1 - b0) as f64 / procfs::clock_ticks()
+    (procfs::machine_busy_secs() - before).max(0.0)
 }
 
 /// Waits up to a minute until other processes use less than `max` cores;

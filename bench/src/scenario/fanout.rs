@@ -47,14 +47,7 @@ pub async fn run(args: Args) -> Result<Value, String> {
     let bar = super::bar(args.members as u64, "fanout");
     bar.set_message("connecting");
     let connected = connect(&room, &args, senders, &bar).await;
-    if connected.ok < args.members as u64 {
-        room.stop();
-        bar.finish_and_clear();
-        return Err(format!(
-            "only {} of {} members connected: {:?}",
-            connected.ok, args.members, connected.errors
-        ));
-    }
+    connected.require_all(args.members, &room, &bar)?;
     let recipients = args.members as u32;
     let server = target.server.clone().unwrap_or_else(Proc::me);
 

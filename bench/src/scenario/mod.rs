@@ -90,6 +90,25 @@ impl Connected {
             "time": Latency::of(&self.times),
         })
     }
+
+    /// `Ok` when all `members` of `room` connected; otherwise stops the
+    /// room and the progress bar and says what failed.
+    pub fn require_all(
+        &self,
+        members: usize,
+        room: &room::Room,
+        bar: &ProgressBar,
+    ) -> Result<(), String> {
+        if self.ok >= members as u64 {
+            return Ok(());
+        }
+        room.stop();
+        bar.finish_and_clear();
+        Err(format!(
+            "only {} of {members} members connected: {:?}",
+            self.ok, self.errors
+        ))
+    }
 }
 
 /// Connects members `indices` (as [`Target::connect_member`]) at most

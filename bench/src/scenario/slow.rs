@@ -66,14 +66,7 @@ pub async fn run(args: Args) -> Result<Value, String> {
         }
     })
     .await;
-    if connected.ok < f.members as u64 {
-        room.stop();
-        bar.finish_and_clear();
-        return Err(format!(
-            "only {} of {} members connected: {:?}",
-            connected.ok, f.members, connected.errors
-        ));
-    }
+    connected.require_all(f.members, &room, &bar)?;
 
     room.set_phase(WARMUP);
     super::timed(&bar, f.warmup, || "warming up".into()).await;
