@@ -84,36 +84,43 @@ pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Resul
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
+    let blank = Header::new(OPCODE_TEXT, 0);
+    if batch.len() <= INLINE_BATCH {
+        // The common case (a message or a few per wake-up) allocates nothing.
+        let mut headers = [blank; INLINE_BATCH];
+        let mut slices = [IoSlice::new(&[]); 2 * INLINE_BATCH];
+        write_framed(io, batch, &mut headers, &mut slices).await
+    } else {
+        let mut headers = vec![blank; batch.len()];
+        let mut slices = vec![IoSlice::new(&[]); 2 * batch.len()];
+        write_framed(io, batch, &mut headers, &mut slices).await
+    }
+}
+
+/// Frames `batch` into `headers` and `slices` (room for a header each and
+/// two slices each) and writes it.
+async fn write_framed<'a, W>(
+    io: &mut W,
+    batch: &'a VecDeque<Outgoing>,
+    headers: &'a mut [Header],
+    slices: &mut [IoSlice<'a>],
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    frame_headers(batch, headers);
+    let count = fill_slices(batch, headers, slices);
+    let slices = &mut slices[..count];
     if !io.is_write_vectored() {
         // A stream without vectored writes (WebSocket over HTTP/2) would
         // take one slice per write, each its own DATA frame: gather first.
-        let len = batch.iter().map(|item| item.len() + 10).sum();
-        let mut bytes = Vec::with_capacity(len);
-        for item in batch {
-            match item {
-                Outgoing::Text(text) => {
-                    bytes.extend_from_slice(Header::new(OPCODE_TEXT, text.len()).as_slice());
-                    bytes.extend_from_slice(text.as_bytes());
-                }
-                Outgoing::Framed(framed) => bytes.extend_from_slice(framed),
-            }
+        let mut bytes = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
+        for slice in slices.iter() {
+            bytes.extend_from_slice(slice);
         }
         return write_all(io, &mut [IoSlice::new(&bytes)]).await;
     }
-    if batch.len() <= INLINE_BATCH {
-        // The common case (a message or a few per wake-up) allocates nothing.
-        let mut headers = [Header::new(OPCODE_TEXT, 0); INLINE_BATCH];
-        frame_headers(batch, &mut headers);
-        let mut slices = [IoSlice::new(&[]); 2 * INLINE_BATCH];
-        let count = fill_slices(batch, &headers, &mut slices);
-        write_all(io, &mut slices[..count]).await
-    } else {
-        let mut headers = vec![Header::new(OPCODE_TEXT, 0); batch.len()];
-        frame_headers(batch, &mut headers);
-        let mut slices = vec![IoSlice::new(&[]); 2 * batch.len()];
-        let count = fill_slices(batch, &headers, &mut slices);
-        write_all(io, &mut slices[..count]).await
-    }
+    write_all(io, slices).await
 }
 
 /// The header of each text item, at its index in the batch.
