@@ -51,6 +51,7 @@ pub mod state;
 mod sync;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_stream;
 pub mod web;
 
 use std::sync::Arc;

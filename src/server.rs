@@ -2,28 +2,25 @@
 //! deadline, and graceful shutdown.
 
 use std::future::Future;
-use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::http::{self, ConnHold, ConnInfo};
 use crate::refusal::Refusal;
 use crate::reload::Reloader;
 use crate::state::AppState;
+use crate::tls_stream;
 
 /// Connections over the cap that still get a proper 503 answer at once; past
 /// this many, further ones are closed without an answer.
@@ -37,7 +34,7 @@ pub struct Server {
     /// The `/metrics` listener, when enabled.
     metrics: Option<TcpListener>,
     state: Arc<AppState>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     /// One permit per open connection, up to `limits.max_connections`.
     connections: Arc<Semaphore>,
     /// Permits for answering connections over the cap.
@@ -58,7 +55,7 @@ impl Server {
         Self {
             listener,
             metrics,
-            tls: tls.map(TlsAcceptor::from),
+            tls,
             connections: Arc::new(Semaphore::new(max)),
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS_IN_FLIGHT)),
             reloader,
@@ -191,7 +188,7 @@ async fn connection(
     mut tcp: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     permit: OwnedSemaphorePermit,
 ) {
     let deadline = Instant::now() + state.config.handshake_timeout();
@@ -248,16 +245,16 @@ async fn serve_connection(
     tcp: TcpStream,
     peer: SocketAddr,
     state: Arc<AppState>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     hold: ConnHold,
     deadline: Instant,
 ) {
     let Some(tls) = tls else {
         return serve_http(tcp, peer, None, state, hold, deadline).await;
     };
-    match tokio::time::timeout_at(deadline, tls.accept(SendIo(tcp))).await {
+    match tokio::time::timeout_at(deadline, tls_stream::accept(tls, tcp)).await {
         Ok(Ok(stream)) => {
-            let subject = crate::tls::client_subject(stream.get_ref().1);
+            let subject = crate::tls::client_subject(stream.connection());
             serve_http(stream, peer, subject, state, hold, deadline).await
         }
         Ok(Err(e)) => {
@@ -361,11 +358,11 @@ fn is_certificate_error(e: &std::io::Error) -> bool {
 
 /// Answers every request on a connection refused at accept, within
 /// [`REFUSAL_DEADLINE`].
-async fn refuse_connection(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refusal) {
+async fn refuse_connection(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, refusal: Refusal) {
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, answer_refusal(tcp, tls, refusal)).await;
 }
 
-async fn answer_refusal(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refusal) {
+async fn answer_refusal(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, refusal: Refusal) {
     let service =
         service_fn(
             move |_req| async move { Ok::<_, std::convert::Infallible>(refusal.response()) },
@@ -374,7 +371,7 @@ async fn answer_refusal(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refus
     builder.http1().keep_alive(false);
     match tls {
         Some(tls) => {
-            if let Ok(stream) = tls.accept(tcp).await {
+            if let Ok(stream) = tls_stream::accept(tls, tcp).await {
                 let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
@@ -383,56 +380,5 @@ async fn answer_refusal(tcp: TcpStream, tls: Option<TlsAcceptor>, refusal: Refus
         None => {
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         }
-    }
-}
-
-/// A TCP stream for rustls to write to. rustls writes its records with a
-/// vectored write, usually of a single record; `send(2)` costs the kernel
-/// less than `writev(2)` for one buffer, and a session writes a record per
-/// delivery, so single-buffer writes take that path.
-struct SendIo(TcpStream);
-
-impl AsyncRead for SendIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SendIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
-        match (nonempty.next(), nonempty.next()) {
-            (Some(only), None) => Pin::new(&mut self.0).poll_write(cx, only),
-            (None, _) => Poll::Ready(Ok(0)),
-            _ => Pin::new(&mut self.0).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }

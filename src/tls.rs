@@ -255,7 +255,7 @@ pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
 }
 
 /// The subject of a verified client certificate, if the client sent one.
-pub fn client_subject(conn: &rustls::ServerConnection) -> Option<String> {
+pub fn client_subject(conn: &rustls::CommonState) -> Option<String> {
     let cert = conn.peer_certificates()?.first()?;
     cert_info(cert).ok().map(|info| info.subject)
 }
