@@ -358,7 +358,11 @@ fn is_certificate_error(e: &std::io::Error) -> bool {
 
 /// Answers every request on a connection refused at accept, within
 /// [`REFUSAL_DEADLINE`].
-async fn refuse_connection(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, refusal: Refusal) {
+async fn refuse_connection(
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    refusal: Refusal,
+) {
     let _ = tokio::time::timeout(REFUSAL_DEADLINE, answer_refusal(tcp, tls, refusal)).await;
 }
 

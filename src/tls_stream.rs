@@ -34,9 +34,10 @@ use tokio::net::TcpStream;
 /// record.
 const READ_SIZE: usize = 5 + 16 * 1024 + 2048;
 
-/// Most bytes of incomplete records a connection keeps: a handshake flight
+/// Most bytes of incomplete records a connection keeps: a handshake message
 /// (a client certificate chain) may span several records, which rustls
-/// joins in place.
+/// joins in place. rustls refuses handshake messages over 64 KiB and
+/// records over their maximum size itself; this bound backs that up.
 pub const MAX_INCOMING: usize = 64 * 1024 + READ_SIZE;
 
 /// Most plaintext encrypted and sent by one write: one full record.
@@ -114,7 +115,10 @@ fn tls_error(e: rustls::Error) -> io::Error {
 }
 
 fn failed_error() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, "the TLS connection failed")
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "the TLS connection failed",
+    )
 }
 
 impl TlsStream {
@@ -145,7 +149,7 @@ impl TlsStream {
     fn poll_fill(
         &mut self,
         cx: &mut Context<'_>,
-        mut out: Option<&mut ReadBuf<'_>>,
+        out: Option<&mut ReadBuf<'_>>,
     ) -> Poll<io::Result<()>> {
         SCRATCH.with_borrow_mut(|scratch| {
             let mut read = ReadBuf::new(&mut scratch.read);
@@ -164,7 +168,7 @@ impl TlsStream {
             if self.incoming.is_empty() {
                 // The usual case: whole records, processed where they were read.
                 let data = &mut scratch.read[..n];
-                let used = self.process(data, out.as_deref_mut())?;
+                let used = self.process(data, out)?;
                 if used < n {
                     self.incoming.extend_from_slice(&data[used..]);
                 }
@@ -178,7 +182,7 @@ impl TlsStream {
                 }
                 self.incoming.extend_from_slice(&scratch.read[..n]);
                 let mut incoming = std::mem::take(&mut self.incoming);
-                let used = self.process(&mut incoming, out.as_deref_mut());
+                let used = self.process(&mut incoming, out);
                 let used = match used {
                     Ok(used) => used,
                     Err(e) => {
@@ -459,7 +463,10 @@ impl AsyncWrite for TlsStream {
         let take = total.min(MAX_PLAINTEXT_PER_WRITE);
         SCRATCH.with_borrow_mut(|scratch| {
             let Scratch { plain, tls, .. } = scratch;
-            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
             let data: &[u8] = if first.len() >= take {
                 &first[..take]
             } else {
@@ -508,13 +515,15 @@ impl AsyncWrite for TlsStream {
         if !this.close_notify_sent && !this.failed {
             this.close_notify_sent = true;
             let mut alert = vec![0u8; 64];
-            let queued = this.with_write_traffic(|traffic| loop {
-                match traffic.queue_close_notify(&mut alert) {
-                    Ok(n) => return Some(n),
-                    Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                        required_size,
-                    })) => alert.resize(required_size, 0),
-                    Err(_) => return None,
+            let queued = this.with_write_traffic(|traffic| {
+                loop {
+                    match traffic.queue_close_notify(&mut alert) {
+                        Ok(n) => return Some(n),
+                        Err(EncryptError::InsufficientSize(InsufficientSizeError {
+                            required_size,
+                        })) => alert.resize(required_size, 0),
+                        Err(_) => return None,
+                    }
                 }
             });
             // A connection that cannot send it (never completed, already

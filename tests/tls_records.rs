@@ -1,0 +1,198 @@
+//! The TLS record layer as clients stress it: records that arrive a byte at
+//! a time, messages larger than a record in both directions, close_notify
+//! at the end of a connection, and an oversized handshake message.
+
+mod common;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::{TestServer, WAIT, client_tls_config};
+use futures_util::{SinkExt, StreamExt};
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A TCP stream that writes one byte per write: the server receives every
+/// TLS record in pieces.
+struct Trickle(TcpStream);
+
+impl AsyncRead for Trickle {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Trickle {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let one = &buf[..buf.len().min(1)];
+        Pin::new(&mut self.0).poll_write(cx, one)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+async fn next_json<S>(ws: &mut WebSocketStream<S>) -> Value
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame within the wait")
+            .expect("the connection is open")
+            .expect("a valid frame");
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).expect("JSON");
+        }
+    }
+}
+
+#[tokio::test]
+async fn records_arriving_a_byte_at_a_time_are_served() {
+    let server = TestServer::start().await;
+    let config = client_tls_config(&server.pki.ca.cert_pem, &[b"http/1.1"], None);
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), Trickle(tcp))
+        .await
+        .expect("TLS handshake sent a byte at a time");
+    let req = server
+        .request()
+        .header(
+            "Authorization",
+            format!("Bearer {}", server.token("trickle")),
+        )
+        .body(())
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    let mut other = server.member("other", "general").await;
+    let join = json!({"type": "join", "room": "general"}).to_string();
+    ws.send(Message::Text(join.into())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "joined");
+    // A message of several hundred bytes, also sent a byte at a time.
+    let body = "b".repeat(700);
+    let send = json!({"type": "send", "room": "general", "id": "t1", "body": body}).to_string();
+    ws.send(Message::Text(send.into())).await.unwrap();
+    let delivered = other.recv_type("message").await;
+    assert_eq!(delivered["body"], body.as_str());
+    assert_eq!(delivered["from"]["sub"], "trickle");
+}
+
+#[tokio::test]
+async fn messages_larger_than_a_record_cross_both_ways() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_message_bytes = 256 * 1024;
+        c.limits.max_frame_bytes = 256 * 1024;
+        c.limits.max_write_buffer_bytes = 1024 * 1024;
+    })
+    .await;
+    let mut sender = server.member("big-sender", "general").await;
+    let mut receiver = server.member("big-receiver", "general").await;
+    // 100 KiB: seven TLS records from the client, seven to each member.
+    let body: String = (0..100 * 1024)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    sender
+        .send(json!({"type": "send", "room": "general", "id": "big", "body": body}))
+        .await;
+    let delivered = receiver.recv_type("message").await;
+    assert_eq!(delivered["body"].as_str().map(str::len), Some(body.len()));
+    assert_eq!(delivered["body"], body.as_str());
+    let own = sender.recv_type("message").await;
+    assert_eq!(own["body"], body.as_str());
+}
+
+#[tokio::test]
+async fn a_closed_http_connection_ends_with_close_notify() {
+    let server = TestServer::start().await;
+    let mut tls = server.tls(&[b"http/1.1"], None).await;
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    // rustls reports a connection closed without close_notify as an error.
+    tokio::time::timeout(WAIT, tls.read_to_end(&mut response))
+        .await
+        .expect("the server closes within the wait")
+        .expect("a clean TLS close (close_notify)");
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+}
+
+/// A TLS record header: handshake content, `len` bytes of payload.
+fn handshake_record(len: u16) -> [u8; 5] {
+    let [hi, lo] = len.to_be_bytes();
+    [0x16, 0x03, 0x01, hi, lo]
+}
+
+#[tokio::test]
+async fn an_oversized_handshake_message_is_refused_without_being_kept() {
+    // A long deadline: the connection must end for its size, not its time.
+    let server = TestServer::start_with(|c| c.server.handshake_timeout_ms = 60_000).await;
+    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    // A ClientHello announced at 1 MiB, sent in full 16 KiB records: a
+    // server that kept records until the message were whole would hold all
+    // of it (handshake messages are refused past 64 KiB).
+    const RECORD: usize = 16 * 1024;
+    let mut first = handshake_record(RECORD as u16).to_vec();
+    first.extend_from_slice(&[0x01, 0x10, 0x00, 0x00]);
+    first.resize(5 + RECORD, 0);
+    let mut next = handshake_record(RECORD as u16).to_vec();
+    next.resize(5 + RECORD, 0);
+    let mut sent = 0;
+    if tcp.write_all(&first).await.is_ok() {
+        sent += RECORD;
+        // 256 KiB in all, well past the bound and well short of 1 MiB.
+        while sent < 256 * 1024 {
+            match tokio::time::timeout(Duration::from_secs(2), tcp.write_all(&next)).await {
+                Ok(Ok(())) => sent += RECORD,
+                // Refused (reset), or the server stopped reading.
+                _ => break,
+            }
+        }
+    }
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // An alert, then the end.
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the connection is still open after {sent} bytes"
+    );
+    // The server goes on serving.
+    let mut client = server.connect(&server.token("after")).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
