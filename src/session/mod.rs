@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
@@ -270,10 +271,28 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             .iter()
             .filter(|item| matches!(item, Outgoing::Text(_)))
             .count();
-        // Boxed (one allocation per batch): the write's state is only
-        // needed while it runs, and inline it would double the size of
-        // every idle writer.
-        if !Box::pin(write_or_abandon(&mut io, &batch, &closer, close_timeout)).await {
+        // Usually the socket takes the batch at once; only a write that
+        // has to wait takes the slower path that also watches for a close
+        // (boxed: inline, its state would double every idle writer's size).
+        let mut sent = 0;
+        let first = std::future::poll_fn(|cx| {
+            Poll::Ready(transport::poll_write_batch(&mut io, &batch, &mut sent, cx))
+        })
+        .await;
+        let written_ok = match first {
+            Poll::Ready(result) => result.is_ok(),
+            Poll::Pending => {
+                Box::pin(write_or_abandon(
+                    &mut io,
+                    &batch,
+                    sent,
+                    &closer,
+                    close_timeout,
+                ))
+                .await
+            }
+        };
+        if !written_ok {
             return;
         }
         written = bytes;
@@ -288,16 +307,19 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Writes a batch; `false` if the connection is done for. A close requested
-/// meanwhile abandons a write to a slow consumer (its socket is full) and
-/// otherwise lets the batch finish within `close_timeout`.
+/// Writes the rest of a batch (its first `sent` bytes are out); `false` if
+/// the connection is done for. A close requested meanwhile abandons a write
+/// to a slow consumer (its socket is full) and otherwise lets the batch
+/// finish within `close_timeout`.
 async fn write_or_abandon<W: AsyncWrite + Unpin>(
     io: &mut W,
     batch: &VecDeque<Outgoing>,
+    mut sent: usize,
     closer: &outbox::Closer,
     close_timeout: Duration,
 ) -> bool {
-    let write = transport::write_batch(io, batch);
+    let write =
+        std::future::poll_fn(move |cx| transport::poll_write_batch(io, batch, &mut sent, cx));
     tokio::pin!(write);
     let reason = tokio::select! {
         biased;

@@ -14,10 +14,10 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::outbox::{Outbox, Outgoing};
 
@@ -79,8 +79,53 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 /// Batches up to this size are framed on the stack; larger ones in vectors.
 const INLINE_BATCH: usize = 16;
 
-/// Writes `batch` as one vectored write and flushes once.
+/// Writes `batch` (as few writes as the stream allows) and flushes once.
 pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut sent = 0;
+    std::future::poll_fn(|cx| poll_write_batch(io, batch, &mut sent, cx)).await
+}
+
+/// Writes what is left of `batch` after its first `sent` bytes, then
+/// flushes. The framing is redone on each call, on the stack, so a write
+/// in progress is only this count: nothing is held between polls.
+pub fn poll_write_batch<W>(
+    io: &mut W,
+    batch: &VecDeque<Outgoing>,
+    sent: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>>
+where
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let total: usize = batch.iter().map(framed_len).sum();
+    while *sent < total {
+        let n = ready!(poll_write_from(io, batch, *sent, cx))?;
+        if n == 0 {
+            return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+        }
+        *sent += n;
+    }
+    Pin::new(io).poll_flush(cx)
+}
+
+/// The size of an item on the wire.
+fn framed_len(item: &Outgoing) -> usize {
+    match item {
+        Outgoing::Text(text) => Header::new(OPCODE_TEXT, text.len()).len as usize + text.len(),
+        Outgoing::Framed(bytes) => bytes.len(),
+    }
+}
+
+/// One write of the batch from byte `skip` on.
+fn poll_write_from<W>(
+    io: &mut W,
+    batch: &VecDeque<Outgoing>,
+    skip: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
@@ -89,38 +134,41 @@ where
         // The common case (a message or a few per wake-up) allocates nothing.
         let mut headers = [blank; INLINE_BATCH];
         let mut slices = [IoSlice::new(&[]); 2 * INLINE_BATCH];
-        write_framed(io, batch, &mut headers, &mut slices).await
+        poll_write_framed(io, batch, skip, &mut headers, &mut slices, cx)
     } else {
         let mut headers = vec![blank; batch.len()];
         let mut slices = vec![IoSlice::new(&[]); 2 * batch.len()];
-        write_framed(io, batch, &mut headers, &mut slices).await
+        poll_write_framed(io, batch, skip, &mut headers, &mut slices, cx)
     }
 }
 
 /// Frames `batch` into `headers` and `slices` (room for a header each and
-/// two slices each) and writes it.
-async fn write_framed<'a, W>(
+/// two slices each) and writes it from byte `skip` on.
+fn poll_write_framed<'a, W>(
     io: &mut W,
     batch: &'a VecDeque<Outgoing>,
+    skip: usize,
     headers: &'a mut [Header],
     slices: &mut [IoSlice<'a>],
-) -> io::Result<()>
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
     frame_headers(batch, headers);
     let count = fill_slices(batch, headers, slices);
-    let slices = &mut slices[..count];
+    let mut rest = &mut slices[..count];
+    IoSlice::advance_slices(&mut rest, skip);
     if !io.is_write_vectored() {
         // A stream without vectored writes (WebSocket over HTTP/2) would
         // take one slice per write, each its own DATA frame: gather first.
-        let mut bytes = Vec::with_capacity(slices.iter().map(|s| s.len()).sum());
-        for slice in slices.iter() {
+        let mut bytes = Vec::with_capacity(rest.iter().map(|s| s.len()).sum());
+        for slice in rest.iter() {
             bytes.extend_from_slice(slice);
         }
-        return write_all(io, &mut [IoSlice::new(&bytes)]).await;
+        return Pin::new(io).poll_write(cx, &bytes);
     }
-    write_all(io, slices).await
+    Pin::new(io).poll_write_vectored(cx, rest)
 }
 
 /// The header of each text item, at its index in the batch.
@@ -154,20 +202,6 @@ fn fill_slices<'a>(
         }
     }
     count
-}
-
-async fn write_all<W>(io: &mut W, mut rest: &mut [IoSlice<'_>]) -> io::Result<()>
-where
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    while !rest.is_empty() {
-        let written = io.write_vectored(rest).await?;
-        if written == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        IoSlice::advance_slices(&mut rest, written);
-    }
-    io.flush().await
 }
 
 /// The read half as tungstenite sees it: reads pass through, writes (its
@@ -315,6 +349,56 @@ mod tests {
         let mut io = PlainWrites::default();
         write_batch(&mut io, &batch).await.expect("written");
         assert_eq!(io.0, [vec![0x81, 1, b'a', 0x89, 0, 0x81, 1, b'b']]);
+    }
+
+    /// A stream that takes at most 3 bytes per write and is not ready on
+    /// every other call.
+    #[derive(Default)]
+    struct Dribble {
+        out: Vec<u8>,
+        calls: usize,
+    }
+
+    impl AsyncWrite for Dribble {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let n = buf.len().min(3);
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_written_in_pieces_resumes_where_it_stopped() {
+        let batch: VecDeque<Outgoing> = (0..INLINE_BATCH + 4)
+            .map(|i| {
+                if i % 5 == 0 {
+                    Outgoing::Framed(ping_frame())
+                } else {
+                    Outgoing::Text(format!("message {i}").into())
+                }
+            })
+            .collect();
+        let mut whole = Vec::new();
+        write_batch(&mut whole, &batch).await.expect("written");
+        let mut dribble = Dribble::default();
+        write_batch(&mut dribble, &batch).await.expect("written");
+        assert_eq!(dribble.out, whole);
+        assert!(dribble.calls > whole.len() / 3, "written in pieces");
     }
 
     #[tokio::test]
