@@ -336,7 +336,7 @@ impl Default for LimitsConfig {
             max_message_bytes: 16 * 1024,
             max_frame_bytes: 16 * 1024,
             max_fragments_per_message: 64,
-            read_buffer_bytes: 512,
+            read_buffer_bytes: 128,
             write_buffer_bytes: 0,
             max_write_buffer_bytes: 64 * 1024,
             outbound_queue_messages: 256,
@@ -863,7 +863,7 @@ impl Config {
             1,
             100_000,
         )?;
-        check("read_buffer_bytes", l.read_buffer_bytes, 512, 1024 * 1024)?;
+        check("read_buffer_bytes", l.read_buffer_bytes, 128, 1024 * 1024)?;
         check("write_buffer_bytes", l.write_buffer_bytes, 0, 1024 * 1024)?;
         check(
             "max_write_buffer_bytes",
