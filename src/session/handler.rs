@@ -126,7 +126,7 @@ impl Session {
                 "already joined: leave first to join again",
             ));
         }
-        self.joined.retain(|_, r| r.membership.is_active());
+        self.joined.retain(|r| r.membership.is_active());
         if self.joined.len() >= self.state.config.limits.max_rooms_per_connection {
             return Err(FrameError::new(
                 ErrorCode::Forbidden,

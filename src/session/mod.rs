@@ -11,7 +11,6 @@ mod handler;
 pub mod outbox;
 pub mod transport;
 
-use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -36,7 +35,7 @@ use crate::protocol::{Disconnect, Sender, ServerFrame, WelcomeLimits, WelcomeUse
 use crate::rooms::RoomPolicy;
 use crate::state::AppState;
 use fragments::FragmentLimited;
-use outbox::{Outbox, OutboxReceiver, Outgoing};
+use outbox::{Batch, Outbox, OutboxReceiver, Outgoing};
 use transport::ReplyIo;
 
 type Io = TokioIo<Upgraded>;
@@ -64,6 +63,54 @@ struct JoinedRoom {
     membership: Arc<Membership>,
 }
 
+/// The rooms a session has joined, searched in order: at most
+/// `limits.max_rooms_per_connection` of them, and usually one or two, for
+/// which a list holds a fraction of what a hash map allocates.
+#[derive(Default)]
+struct JoinedRooms(Vec<(Box<str>, JoinedRoom)>);
+
+impl JoinedRooms {
+    fn get(&self, name: &str) -> Option<&JoinedRoom> {
+        self.0.iter().find(|(n, _)| &**n == name).map(|(_, r)| r)
+    }
+
+    fn remove(&mut self, name: &str) -> Option<JoinedRoom> {
+        let at = self.0.iter().position(|(n, _)| &**n == name)?;
+        let (_, room) = self.0.swap_remove(at);
+        self.fit();
+        Some(room)
+    }
+
+    /// Adds `name` (not joined yet).
+    fn insert(&mut self, name: String, room: JoinedRoom) {
+        self.0.reserve_exact(1);
+        self.0.push((name.into_boxed_str(), room));
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&JoinedRoom) -> bool) {
+        self.0.retain(|(_, room)| keep(room));
+        self.fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Empties the list; returns the names.
+    fn take_names(&mut self) -> impl Iterator<Item = Box<str>> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|(name, _)| name)
+    }
+
+    /// Gives back room the list no longer needs.
+    fn fit(&mut self) {
+        if self.0.capacity() > self.0.len() {
+            self.0.shrink_to_fit();
+        }
+    }
+}
+
 /// The state of one session, owned by its reader.
 struct Session {
     id: u64,
@@ -73,7 +120,7 @@ struct Session {
     /// The `from` of this user's messages, shared by all of them.
     sender: Arc<Sender>,
     outbox: Outbox,
-    joined: HashMap<String, JoinedRoom>,
+    joined: JoinedRooms,
     limiter: DefaultDirectRateLimiter,
     /// Rate-limit violations in the current window.
     strikes: u32,
@@ -223,9 +270,13 @@ async fn drain(stream: &mut Ws) {
     while let Some(Ok(_)) = stream.next().await {}
 }
 
-/// Most queue entries a writer keeps room for between batches; a larger
-/// buffer (after a burst) is given back.
+/// Most queue entries a busy writer keeps room for between batches; a
+/// larger buffer (after a burst) is given back.
 const SPARE_BATCH: usize = 64;
+
+/// A batch this small means a quiet connection: the buffer a burst made is
+/// given back, so an idle connection holds none (one entry is inline).
+const QUIET_BATCH: usize = 2;
 
 /// Writes what the outbox holds, everything queued in one batch, and a ping
 /// every `ping_every`, until a close is requested; then writes what is still
@@ -240,7 +291,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let closer = rx.closer();
     let ping = tokio::time::sleep(ping_every);
     tokio::pin!(ping);
-    let mut batch = VecDeque::new();
+    let mut batch = Batch::new();
     // Looked up once: a registry lookup per batch shows on the hot path.
     let bytes_out = metrics::counter!("securechat_bytes_out_total");
     let delivered_total = metrics::counter!("securechat_messages_delivered_total");
@@ -258,13 +309,17 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             tokio::select! {
                 biased;
                 () = rx.ready() => continue,
-                () = &mut ping => {}
+                () = &mut ping => {
+                    // Nothing to send for a ping interval: idle.
+                    batch = Batch::new();
+                    rx.release_spare();
+                }
             }
         }
         // A client that is sent something all the time still gets its pings.
         let now = tokio::time::Instant::now();
         if ping.deadline() <= now {
-            batch.push_back(Outgoing::Framed(transport::ping_frame()));
+            batch.push(Outgoing::Framed(transport::ping_frame()));
             ping.as_mut().reset(now + ping_every);
         }
         let delivered = batch
@@ -296,9 +351,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         written = bytes;
+        let count = batch.len();
         batch.clear();
-        if batch.capacity() > SPARE_BATCH {
-            batch.shrink_to(SPARE_BATCH);
+        if batch.spilled() && (count <= QUIET_BATCH || batch.capacity() > SPARE_BATCH) {
+            batch = Batch::new();
         }
         if delivered > 0 {
             bytes_out.increment(bytes as u64);
@@ -313,7 +369,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 /// finish within `close_timeout`.
 async fn write_or_abandon<W: AsyncWrite + Unpin>(
     io: &mut W,
-    batch: &VecDeque<Outgoing>,
+    batch: &[Outgoing],
     mut sent: usize,
     closer: &outbox::Closer,
     close_timeout: Duration,
@@ -337,12 +393,12 @@ async fn write_or_abandon<W: AsyncWrite + Unpin>(
 /// The end of the writer: what is still queued (not for a slow consumer),
 /// then the close frame unless the client closed first (its echo was queued).
 async fn finish<W: AsyncWrite + Unpin>(io: &mut W, rx: &mut OutboxReceiver, reason: Disconnect) {
-    let mut batch = VecDeque::new();
+    let mut batch = Batch::new();
     if reason != Disconnect::SlowConsumer {
         rx.take(&mut batch, 0);
     }
     if reason != Disconnect::Normal {
-        batch.push_back(Outgoing::Framed(transport::close_frame(
+        batch.push(Outgoing::Framed(transport::close_frame(
             reason.code(),
             reason.reason(),
         )));
@@ -374,7 +430,7 @@ impl Session {
             }),
             identity,
             outbox,
-            joined: HashMap::new(),
+            joined: JoinedRooms::default(),
             limiter: RateLimiter::direct_with_clock(
                 Quota::per_second(rate).allow_burst(burst),
                 crate::sync::rate_clock(),
@@ -561,7 +617,7 @@ impl Session {
 
     /// Leaves every joined room (the session is ending).
     fn leave_all(&mut self) {
-        for (room, _) in self.joined.drain() {
+        for room in self.joined.take_names() {
             self.state.hub.leave(&room, self.id);
         }
     }

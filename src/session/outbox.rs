@@ -8,11 +8,11 @@
 //! behind it ride along. An idle queue holds no allocation beyond its
 //! shared header.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -42,9 +42,13 @@ impl Outgoing {
     }
 }
 
+/// Queued writes. One is held inline: the usual queue (a message, taken by
+/// the writer before the next arrives) needs no allocation at all.
+pub type Batch = SmallVec<[Outgoing; 1]>;
+
 #[derive(Default)]
 struct Queue {
-    items: VecDeque<Outgoing>,
+    items: Batch,
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
 }
@@ -123,7 +127,7 @@ impl Outbox {
             return false;
         }
         let was_empty = queue.items.is_empty();
-        queue.items.push_back(item);
+        queue.items.push(item);
         queue.bytes += len;
         drop(queue);
         if was_empty {
@@ -215,7 +219,7 @@ impl OutboxReceiver {
     /// returns its size in bytes; 0 when nothing was queued. The bytes stay
     /// counted against the bound until they are reported written with the
     /// next take (`written`: the size of the batch taken before).
-    pub fn take(&mut self, batch: &mut VecDeque<Outgoing>, written: usize) -> usize {
+    pub fn take(&mut self, batch: &mut Batch, written: usize) -> usize {
         debug_assert!(batch.is_empty());
         let mut queue = lock(&self.shared.queue);
         queue.bytes = queue.bytes.saturating_sub(written);
@@ -229,12 +233,22 @@ impl OutboxReceiver {
     }
 }
 
+impl OutboxReceiver {
+    /// Gives back the queue's buffer if a burst made one and it is empty.
+    pub fn release_spare(&self) {
+        let mut queue = lock(&self.shared.queue);
+        if queue.items.is_empty() && queue.items.spilled() {
+            queue.items = Batch::new();
+        }
+    }
+}
+
 impl Drop for OutboxReceiver {
     fn drop(&mut self) {
         // The writer has ended: nothing queued from now on will be written.
         self.shared.writer_gone.store(true, Ordering::Relaxed);
         self.shared.set_close(Disconnect::Normal);
-        lock(&self.shared.queue).items = VecDeque::new();
+        lock(&self.shared.queue).items = Batch::new();
     }
 }
 
@@ -242,7 +256,7 @@ impl Drop for OutboxReceiver {
 mod tests {
     use super::*;
 
-    fn texts(batch: &VecDeque<Outgoing>) -> Vec<String> {
+    fn texts(batch: &[Outgoing]) -> Vec<String> {
         batch
             .iter()
             .map(|item| match item {
@@ -260,7 +274,7 @@ mod tests {
         assert!(!tx.push_text("c".into()));
         assert_eq!(tx.close_reason(), Some(Disconnect::SlowConsumer));
         assert_eq!(rx.closer().closing().await, Disconnect::SlowConsumer);
-        let mut batch = VecDeque::new();
+        let mut batch = Batch::new();
         assert_eq!(rx.take(&mut batch, 0), 2);
         assert_eq!(texts(&batch), ["a", "b"]);
     }
@@ -269,7 +283,7 @@ mod tests {
     async fn byte_bound_counts_until_written() {
         let (tx, mut rx) = outbox(100, 10);
         assert!(tx.push_text("12345678".into()));
-        let mut batch = VecDeque::new();
+        let mut batch = Batch::new();
         assert_eq!(rx.take(&mut batch, 0), 8);
         // Taken but not written: still counted.
         assert!(!tx.push_text("123".into()));
@@ -277,13 +291,40 @@ mod tests {
 
         let (tx, mut rx) = outbox(100, 10);
         assert!(tx.push_text("12345678".into()));
-        let mut batch = VecDeque::new();
+        let mut batch = Batch::new();
         rx.take(&mut batch, 0);
         batch.clear();
         // Reported written with the next take.
         assert_eq!(rx.take(&mut batch, 8), 0);
         assert!(tx.push_text("123".into()));
         assert_eq!(tx.close_reason(), None);
+    }
+
+    #[test]
+    fn one_queued_message_needs_no_buffer_and_a_burst_gives_its_back() {
+        let (tx, rx) = outbox(100, 1000);
+        assert!(tx.push_text("a".into()));
+        assert!(!lock(&rx.shared.queue).items.spilled());
+        assert!(tx.push_text("b".into()));
+        assert!(tx.push_text("c".into()));
+        assert!(lock(&rx.shared.queue).items.spilled());
+        // Not while something is queued.
+        rx.release_spare();
+        assert_eq!(lock(&rx.shared.queue).items.len(), 3);
+        let mut rx = rx;
+        let mut batch = Batch::new();
+        assert_eq!(rx.take(&mut batch, 0), 3);
+        // The queue now holds the writer's old (inline) buffer.
+        assert!(!lock(&rx.shared.queue).items.spilled());
+        assert!(batch.spilled());
+        assert!(tx.push_text("d".into()));
+        assert!(tx.push_text("e".into()));
+        batch.clear();
+        rx.take(&mut batch, 3);
+        batch.clear();
+        std::mem::swap(&mut batch, &mut lock(&rx.shared.queue).items);
+        rx.release_spare();
+        assert!(!lock(&rx.shared.queue).items.spilled());
     }
 
     #[tokio::test]
@@ -297,11 +338,11 @@ mod tests {
     #[tokio::test]
     async fn push_onto_an_empty_queue_wakes_the_writer() {
         let (tx, mut rx) = outbox(10, 100);
-        let mut batch = VecDeque::new();
+        let mut batch = Batch::new();
         assert_eq!(rx.take(&mut batch, 0), 0);
         let waiting = tokio::spawn(async move {
             rx.ready().await;
-            let mut batch = VecDeque::new();
+            let mut batch = Batch::new();
             rx.take(&mut batch, 0);
             texts(&batch)
         });

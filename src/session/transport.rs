@@ -11,7 +11,6 @@
 //! back on its own (the pong to a ping, the echo of a close) goes to the
 //! writer through the outbox, so only the writer ever writes to the stream.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -80,7 +79,7 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
 const INLINE_BATCH: usize = 16;
 
 /// Writes `batch` (as few writes as the stream allows) and flushes once.
-pub async fn write_batch<W>(io: &mut W, batch: &VecDeque<Outgoing>) -> io::Result<()>
+pub async fn write_batch<W>(io: &mut W, batch: &[Outgoing]) -> io::Result<()>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
@@ -93,7 +92,7 @@ where
 /// in progress is only this count: nothing is held between polls.
 pub fn poll_write_batch<W>(
     io: &mut W,
-    batch: &VecDeque<Outgoing>,
+    batch: &[Outgoing],
     sent: &mut usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<()>>
@@ -122,7 +121,7 @@ fn framed_len(item: &Outgoing) -> usize {
 /// One write of the batch from byte `skip` on.
 fn poll_write_from<W>(
     io: &mut W,
-    batch: &VecDeque<Outgoing>,
+    batch: &[Outgoing],
     skip: usize,
     cx: &mut Context<'_>,
 ) -> Poll<io::Result<usize>>
@@ -146,7 +145,7 @@ where
 /// two slices each) and writes it from byte `skip` on.
 fn poll_write_framed<'a, W>(
     io: &mut W,
-    batch: &'a VecDeque<Outgoing>,
+    batch: &'a [Outgoing],
     skip: usize,
     headers: &'a mut [Header],
     slices: &mut [IoSlice<'a>],
@@ -172,7 +171,7 @@ where
 }
 
 /// The header of each text item, at its index in the batch.
-fn frame_headers(batch: &VecDeque<Outgoing>, headers: &mut [Header]) {
+fn frame_headers(batch: &[Outgoing], headers: &mut [Header]) {
     for (item, header) in batch.iter().zip(headers.iter_mut()) {
         if let Outgoing::Text(text) = item {
             *header = Header::new(OPCODE_TEXT, text.len());
@@ -183,7 +182,7 @@ fn frame_headers(batch: &VecDeque<Outgoing>, headers: &mut [Header]) {
 /// The batch as slices: header and body of each text, framed bytes as they
 /// are. Returns how many slices were filled.
 fn fill_slices<'a>(
-    batch: &'a VecDeque<Outgoing>,
+    batch: &'a [Outgoing],
     headers: &'a [Header],
     slices: &mut [IoSlice<'a>],
 ) -> usize {
@@ -299,7 +298,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_written_as_frames_in_order() {
-        let batch: VecDeque<Outgoing> = [
+        let batch: Vec<Outgoing> = [
             Outgoing::Text("first".into()),
             Outgoing::Framed(ping_frame()),
             Outgoing::Text("x".repeat(300).into()),
@@ -339,7 +338,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_vectored_writes_a_batch_is_one_write() {
-        let batch: VecDeque<Outgoing> = [
+        let batch: Vec<Outgoing> = [
             Outgoing::Text("a".into()),
             Outgoing::Framed(ping_frame()),
             Outgoing::Text("b".into()),
@@ -384,7 +383,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_written_in_pieces_resumes_where_it_stopped() {
-        let batch: VecDeque<Outgoing> = (0..INLINE_BATCH + 4)
+        let batch: Vec<Outgoing> = (0..INLINE_BATCH + 4)
             .map(|i| {
                 if i % 5 == 0 {
                     Outgoing::Framed(ping_frame())
@@ -403,7 +402,7 @@ mod tests {
 
     #[tokio::test]
     async fn large_batches_are_framed_like_small_ones() {
-        let batch: VecDeque<Outgoing> = (0..INLINE_BATCH * 3)
+        let batch: Vec<Outgoing> = (0..INLINE_BATCH * 3)
             .map(|i| Outgoing::Text(format!("m{i}").into()))
             .collect();
         let mut out = Vec::new();
