@@ -168,7 +168,7 @@ impl TlsStream {
             if self.incoming.is_empty() {
                 // The usual case: whole records, processed where they were read.
                 let data = &mut scratch.read[..n];
-                let used = self.process(data, out)?;
+                let used = self.process(data, out, None)?;
                 if used < n {
                     self.incoming.extend_from_slice(&data[used..]);
                 }
@@ -182,7 +182,7 @@ impl TlsStream {
                 }
                 self.incoming.extend_from_slice(&scratch.read[..n]);
                 let mut incoming = std::mem::take(&mut self.incoming);
-                let used = self.process(&mut incoming, out);
+                let used = self.process(&mut incoming, out, None);
                 let used = match used {
                     Ok(used) => used,
                     Err(e) => {
@@ -201,8 +201,15 @@ impl TlsStream {
     }
 
     /// Processes the records in `data` and returns how many bytes were
-    /// consumed (the rest is an incomplete record).
-    fn process(&mut self, data: &mut [u8], mut out: Option<&mut ReadBuf<'_>>) -> io::Result<usize> {
+    /// consumed (the rest is an incomplete record). Stops where rustls needs
+    /// more input or is ready for application data, which `on_write`, if
+    /// given, is then run with.
+    fn process(
+        &mut self,
+        data: &mut [u8],
+        mut out: Option<&mut ReadBuf<'_>>,
+        mut on_write: Option<&mut OnWrite<'_>>,
+    ) -> io::Result<usize> {
         let mut offset = 0;
         loop {
             let UnbufferedStatus { mut discard, state } =
@@ -241,11 +248,22 @@ impl TlsStream {
                     transmit.done();
                     true
                 }
-                ConnectionState::PeerClosed | ConnectionState::Closed => {
+                ConnectionState::PeerClosed => {
+                    // Sending stays possible: the next state says so.
+                    self.eof = true;
+                    true
+                }
+                ConnectionState::Closed => {
                     self.eof = true;
                     false
                 }
-                ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_) => false,
+                ConnectionState::WriteTraffic(mut traffic) => {
+                    if let Some(on_write) = on_write.as_mut() {
+                        on_write(&mut traffic);
+                    }
+                    false
+                }
+                ConnectionState::BlockedHandshake => false,
                 // Early data is not enabled (rustls's default); anything
                 // else is a state this version does not know.
                 _ => {
@@ -334,16 +352,22 @@ impl TlsStream {
         incoming: &mut Vec<u8>,
         f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>) -> R,
     ) -> io::Result<R> {
-        let used = self.process(incoming, None)?;
+        let mut f = Some(f);
+        let mut result = None;
+        let mut run = |traffic: &mut WriteTraffic<'_, ServerConnectionData>| {
+            if let Some(f) = f.take() {
+                result = Some(f(traffic));
+            }
+        };
+        let used = self.process(incoming, None, Some(&mut run))?;
         incoming.drain(..used);
-        match self.conn.process_tls_records(incoming).state {
-            Ok(ConnectionState::WriteTraffic(mut traffic)) => Ok(f(&mut traffic)),
-            Ok(ConnectionState::Closed) => Err(io::ErrorKind::BrokenPipe.into()),
-            Ok(_) => Err(io::Error::new(
+        match result {
+            Some(result) => Ok(result),
+            None if self.eof => Err(io::ErrorKind::BrokenPipe.into()),
+            None => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the TLS handshake is not complete",
             )),
-            Err(e) => Err(tls_error(e)),
         }
     }
 
@@ -381,6 +405,9 @@ impl TlsStream {
         true
     }
 }
+
+/// What a write does once rustls is ready for application data.
+type OnWrite<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>) + 'a;
 
 /// Runs rustls's `encode` into the end of `out`, growing it as asked.
 fn encode_into(
