@@ -12,10 +12,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::admission::{AddressSlot, UserSlot, client_address};
 use crate::auth::Identity;
@@ -300,7 +299,6 @@ fn start_session(
 ) {
     let on_upgrade = hyper::upgrade::on(req);
     conn.upgraded.store(true, Ordering::Release);
-    let hold = conn.hold.clone();
     // Boxed: the task holds one pointer to it, not a copy of every field
     // for the whole life of the session.
     let start = Box::new(session::Start {
@@ -308,12 +306,10 @@ fn start_session(
         meta,
         user,
         state: state.clone(),
+        hold: session::SessionHold {
+            connection: conn.hold.clone(),
+            address,
+        },
     });
-    state.tasks.spawn(async move {
-        let _hold = (hold, address);
-        match on_upgrade.await {
-            Ok(upgraded) => session::run(TokioIo::new(upgraded), start).await,
-            Err(e) => debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e),
-        }
-    });
+    state.tasks.spawn(session::run(on_upgrade, start));
 }

@@ -20,12 +20,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper::upgrade::Upgraded;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncWrite, ReadHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
+use tracing::instrument::Instrumented;
 use tracing::{Instrument, debug, info};
 
 use crate::admission::UserSlot;
@@ -145,15 +146,42 @@ pub struct Start {
     pub meta: ConnMeta,
     pub user: UserSlot,
     pub state: Arc<AppState>,
+    /// Released when the session ends: the connection's permit and the
+    /// client address's slot.
+    pub hold: SessionHold,
 }
 
-/// Runs a session to its end. Never panics on peer data.
+/// What a session keeps only to release it when it ends.
+pub struct SessionHold {
+    pub connection: Arc<crate::http::ConnHold>,
+    pub address: Option<crate::admission::AddressSlot>,
+}
+
+/// The task of a session: waits for the upgrade to complete, then runs the
+/// session to its end. Never panics on peer data.
 ///
-/// The session's task lives as long as the connection, so its size is
-/// memory every idle connection pays: the setup is synchronous and the one
-/// long-running future ([`Connection::drive`]) holds each piece of state
-/// once, borrowing it in place rather than moving it between futures.
-pub async fn run(io: Io, start: Box<Start>) {
+/// The task lives as long as the connection, so its size is memory every
+/// idle connection pays. An async fn keeps its arguments for its whole life,
+/// so it takes only the upgrade and one pointer; the setup is synchronous;
+/// and the one long-running future ([`Connection::drive`]) holds each piece
+/// of state once, borrowing it in place rather than moving it between
+/// futures.
+pub async fn run(on_upgrade: OnUpgrade, start: Box<Start>) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e);
+            return;
+        }
+    };
+    let Some(session) = open(TokioIo::new(upgraded), start) else {
+        return;
+    };
+    session.await
+}
+
+/// Sets the session up on the upgraded connection; the future that runs it.
+fn open(io: Io, start: Box<Start>) -> Option<Instrumented<impl Future<Output = ()>>> {
     let span = tracing::info_span!(
         "session",
         session = tracing::field::Empty,
@@ -164,10 +192,10 @@ pub async fn run(io: Io, start: Box<Start>) {
     let Some(connection) = span.in_scope(|| Connection::open(io, *start)) else {
         // Not expected: the WebSocket wrapper is ready at its first poll.
         span.in_scope(|| debug!(event = "upgrade.failed", reason = "websocket_setup"));
-        return;
+        return None;
     };
     span.record("session", connection.session.id);
-    Box::new(connection).drive().instrument(span).await
+    Some(Box::new(connection).drive().instrument(span))
 }
 
 /// A session with its connection split for the reader and the writer.
@@ -176,6 +204,7 @@ struct Connection {
     stream: Ws,
     writer: tokio::task::JoinHandle<()>,
     started: Instant,
+    _hold: SessionHold,
 }
 
 impl Connection {
@@ -186,6 +215,7 @@ impl Connection {
             meta,
             user,
             state,
+            hold,
         } = start;
         let limits = &state.config.limits;
         let (outbox, outbox_rx) =
@@ -220,6 +250,7 @@ impl Connection {
             stream,
             writer,
             started: Instant::now(),
+            _hold: hold,
         })
     }
 
