@@ -1,6 +1,7 @@
 //! The TLS record layer as clients stress it: records that arrive a byte at
-//! a time, messages larger than a record in both directions, close_notify
-//! at the end of a connection, and an oversized handshake message.
+//! a time, messages larger than a record in both directions, key updates,
+//! close_notify at the end of a connection, and an oversized handshake
+//! message.
 
 mod common;
 
@@ -125,6 +126,45 @@ async fn messages_larger_than_a_record_cross_both_ways() {
     assert_eq!(delivered["body"], body.as_str());
     let own = sender.recv_type("message").await;
     assert_eq!(own["body"], body.as_str());
+}
+
+/// The next `message` frame from `sub` (skipping the client's own).
+async fn message_from(client: &mut common::Client, sub: &str) -> Value {
+    loop {
+        let message = client.recv_type("message").await;
+        if message["from"]["sub"] == sub {
+            return message;
+        }
+    }
+}
+
+#[tokio::test]
+async fn traffic_keys_updated_by_the_client_are_followed_both_ways() {
+    let server = TestServer::start().await;
+    let mut client = server.member("rekeying", "general").await;
+    let mut other = server.member("steady", "general").await;
+    for round in 0..3 {
+        // A TLS 1.3 KeyUpdate asking the server to update its keys too:
+        // what the client sends next is under its new keys, and what the
+        // server sends after its own KeyUpdate must be under the server's.
+        client
+            .ws
+            .get_mut()
+            .get_mut()
+            .1
+            .refresh_traffic_keys()
+            .expect("TLS 1.3 allows a key update");
+        let body = format!("after key update {round}");
+        let ack = client.say("general", &format!("k{round}"), &body).await;
+        let delivered = message_from(&mut other, "rekeying").await;
+        assert_eq!(delivered["seq"], ack["seq"]);
+        assert_eq!(delivered["body"], body.as_str());
+        // And the server's messages to the client still decrypt.
+        let reply = format!("reply {round}");
+        other.say("general", &format!("r{round}"), &reply).await;
+        let message = message_from(&mut client, "steady").await;
+        assert_eq!(message["body"], reply.as_str());
+    }
 }
 
 #[tokio::test]
