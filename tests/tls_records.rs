@@ -184,6 +184,34 @@ async fn a_closed_http_connection_ends_with_close_notify() {
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 }
 
+#[tokio::test]
+async fn a_websocket_session_ends_with_close_notify() {
+    let server = TestServer::start().await;
+    // The client closes: the server echoes and ends its side.
+    let mut client = server.connect(&server.token("closer")).await;
+    client.ws.close(None).await.unwrap();
+    let mut rest = client.ws.into_inner();
+    expect_clean_end(&mut rest, "after the client's close").await;
+    // The server closes (here for a binary frame, a policy violation):
+    // the same ending after its close frame.
+    let mut client = server.connect(&server.token("closed")).await;
+    client.send_raw(Message::Binary(vec![1, 2, 3].into())).await;
+    let (code, _) = client.recv_close().await;
+    assert_eq!(code, 1008);
+    let mut rest = client.ws.into_inner();
+    expect_clean_end(&mut rest, "after the server's close").await;
+}
+
+/// Reads `stream` to its end, which must be a TLS close_notify: rustls
+/// reports a connection cut without one as an error.
+async fn expect_clean_end(stream: &mut (impl AsyncRead + Unpin), when: &str) {
+    let mut rest = Vec::new();
+    tokio::time::timeout(WAIT, stream.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("the server ends the connection {when}"))
+        .unwrap_or_else(|e| panic!("a clean TLS close {when}: {e}"));
+}
+
 /// A TLS record header: handshake content, `len` bytes of payload.
 fn handshake_record(len: u16) -> [u8; 5] {
     let [hi, lo] = len.to_be_bytes();

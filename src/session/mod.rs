@@ -22,7 +22,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncWrite, ReadHalf};
+use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -422,7 +422,8 @@ async fn write_or_abandon<W: AsyncWrite + Unpin>(
 }
 
 /// The end of the writer: what is still queued (not for a slow consumer),
-/// then the close frame unless the client closed first (its echo was queued).
+/// then the close frame unless the client closed first (its echo was
+/// queued), then the end of the sending side.
 async fn finish<W: AsyncWrite + Unpin>(io: &mut W, rx: &mut OutboxReceiver, reason: Disconnect) {
     let mut batch = Batch::new();
     if reason != Disconnect::SlowConsumer {
@@ -436,8 +437,13 @@ async fn finish<W: AsyncWrite + Unpin>(io: &mut W, rx: &mut OutboxReceiver, reas
     }
     if !batch.is_empty() {
         // The peer may already be gone; nothing more to do then.
-        let _ = transport::write_batch(io, &batch).await;
+        if transport::write_batch(io, &batch).await.is_err() {
+            return;
+        }
     }
+    // Ends the sending side: TLS close_notify (or the end of the HTTP/2
+    // stream), so the client can tell the end from a cut connection.
+    let _ = io.shutdown().await;
 }
 
 impl Session {
