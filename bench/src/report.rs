@@ -535,7 +535,7 @@ fn header(out: &mut String, meta: &Value) {
     );
     let _ = writeln!(
         out,
-        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus rustls's {} KiB TLS send buffer), server pings every {} s. \
+        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus at most {} KiB of TLS records waiting for the socket), server pings every {} s. \
          The Node `ws` {} tutorial server on Node {} (`bench/peers/ws-tutorial/server.js`: https server, `ws` server on it, every message broadcast to every open client). \
          Bun {} `Bun.serve` with TLS and built-in pub/sub (`bench/peers/bun/server.ts`: every socket subscribes to one topic, every message is published to it, sender included).",
         s("securechat_version"),
@@ -748,7 +748,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
         let (gs, gw, gb) = three("slow", &variant, "/server_memory/growth");
         line(
             format!(
-                "… and server memory stays within the queue bounds ({:.0} stalled × (queue {} KiB + TLS send buffer {} KiB) = {:.0} MiB) (peak growth, MiB)",
+                "… and server memory stays within the queue bounds ({:.0} stalled × (queue {} KiB + unsent TLS records {} KiB) = {:.0} MiB) (peak growth, MiB)",
                 stalled,
                 limits["outbound_queue_bytes"].as_u64().unwrap_or(0) / 1024,
                 tls_send_buffer(limits) / 1024,
@@ -1090,8 +1090,9 @@ fn draw_charts(runs: &Runs, dir: &Path) -> Result<Vec<(String, String)>, String>
     Ok(drawn)
 }
 
-/// The TLS send buffer of a results file's securechat limits (older files
-/// recorded the WebSocket write buffer in its place).
+/// What securechat holds encrypted and unsent per connection at most, from
+/// a results file's limits (older files recorded the WebSocket write buffer
+/// in its place).
 fn tls_send_buffer(limits: &Value) -> u64 {
     limits["tls_send_buffer_bytes"]
         .as_u64()

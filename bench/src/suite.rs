@@ -102,9 +102,10 @@ pub struct Args {
 pub const OUTBOUND_QUEUE_MESSAGES: u64 = 256;
 pub const OUTBOUND_QUEUE_BYTES: u64 = 1024 * 1024;
 pub const MAX_WRITE_BUFFER_BYTES: u64 = 64 * 1024;
-/// What rustls holds encrypted and unsent per connection at most (its
-/// default buffer limit), on top of the outbound queue.
-pub const TLS_SEND_BUFFER_BYTES: u64 = 64 * 1024;
+/// What securechat's TLS layer holds encrypted and unsent per connection at
+/// most, on top of the outbound queue: one write's records (16 KiB of
+/// plaintext and record overhead), taken only once the previous are out.
+pub const TLS_SEND_BUFFER_BYTES: u64 = 17 * 1024;
 pub const PING_INTERVAL_SECS: u64 = 20;
 
 /// One scenario run, as the command line of the load generator.
