@@ -192,7 +192,12 @@ impl TlsStream {
                 };
                 incoming.drain(..used);
                 if !incoming.is_empty() {
-                    incoming.shrink_to_fit();
+                    // Given back once mostly unused; not on every read, so
+                    // a record trickled in a byte at a time costs no copy
+                    // of itself per byte.
+                    if incoming.capacity() > 2 * incoming.len().max(1024) {
+                        incoming.shrink_to_fit();
+                    }
                     self.incoming = incoming;
                 }
             }
