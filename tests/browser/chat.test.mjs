@@ -134,6 +134,12 @@ describe("the chat page", { timeout: 90_000 }, () => {
       const bodies = [...document.querySelectorAll(".message-list[data-room=general] .message .body")].map((e) => e.textContent);
       return !bodies.includes("Hi Alice!") && bodies.includes("This message was deleted.") && bodies.includes("You deleted this message.");
     });
+    // Alice's page learns of her deletion from the same broadcast, in its
+    // own time: wait for it rather than read her page at once.
+    await alice.page.waitForFunction(() => {
+      const bodies = [...document.querySelectorAll(".message-list[data-room=general] .message .body")].map((e) => e.textContent);
+      return !bodies.includes("Hi Alice!") && !bodies.includes("bob regrets this");
+    });
     const remaining = (await shownMessages(alice.page, "general")).map((m) => m.body);
     assert.ok(!remaining.includes("Hi Alice!") && !remaining.includes("bob regrets this"));
   });
