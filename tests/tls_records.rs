@@ -1,7 +1,7 @@
 //! The TLS record layer as clients stress it: records that arrive a byte at
-//! a time, messages larger than a record in both directions, key updates,
-//! close_notify at the end of a connection, and an oversized handshake
-//! message.
+//! a time, messages larger than a record in both directions (TLS 1.3 and
+//! 1.2), key updates, close_notify at the end of a connection, and an
+//! oversized handshake message.
 
 mod common;
 
@@ -136,6 +136,59 @@ async fn message_from(client: &mut common::Client, sub: &str) -> Value {
             return message;
         }
     }
+}
+
+#[tokio::test]
+async fn a_tls_1_2_client_chats_with_messages_larger_than_a_record() {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let server = TestServer::start_with(|c| {
+        c.limits.max_message_bytes = 64 * 1024;
+        c.limits.max_frame_bytes = 64 * 1024;
+        c.limits.max_write_buffer_bytes = 256 * 1024;
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(server.pki.ca.cert_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(securechat::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .expect("TLS 1.2 handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    let req = server
+        .request()
+        .header(
+            "Authorization",
+            format!("Bearer {}", server.token("old-tls")),
+        )
+        .body(())
+        .unwrap();
+    let mut client = server.upgrade_on(tls, req).await.expect("upgrade");
+    assert_eq!(client.recv().await["type"], "welcome");
+    client.join("general").await;
+    let mut other = server.member("modern", "general").await;
+    // 40 KiB: three TLS 1.2 records each way.
+    let body = "z".repeat(40 * 1024);
+    let ack = client.say("general", "big", &body).await;
+    let delivered = message_from(&mut other, "old-tls").await;
+    assert_eq!(delivered["seq"], ack["seq"]);
+    assert_eq!(delivered["body"], body.as_str());
+    other.say("general", "back", &body).await;
+    let back = message_from(&mut client, "modern").await;
+    assert_eq!(back["body"], body.as_str());
 }
 
 #[tokio::test]
