@@ -313,83 +313,89 @@ const QUIET_BATCH: usize = 2;
 /// every `ping_every`, until a close is requested; then writes what is still
 /// queued (unless the client is the slow one) and the close frame, within
 /// `close_timeout`.
-async fn write_loop<W: AsyncWrite + Unpin>(
+#[allow(clippy::manual_async_fn)] // see the comment in the body
+fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
     mut rx: OutboxReceiver,
     close_timeout: Duration,
     ping_every: Duration,
-) {
-    let closer = rx.closer();
-    let ping = tokio::time::sleep(ping_every);
-    tokio::pin!(ping);
-    let mut batch = Batch::new();
-    // Looked up once: a registry lookup per batch shows on the hot path.
-    let bytes_out = metrics::counter!("securechat_bytes_out_total");
-    let delivered_total = metrics::counter!("securechat_messages_delivered_total");
-    let mut written = 0;
-    loop {
-        if let Some(reason) = rx.close_reason() {
-            // Boxed, like the slow path below: run once, kept out of the
-            // idle writer's size.
-            let finish = tokio::time::timeout(close_timeout, finish(&mut io, &mut rx, reason));
-            let _ = Box::pin(finish).await;
-            return;
-        }
-        let bytes = rx.take(&mut batch, std::mem::take(&mut written));
-        if bytes == 0 {
-            tokio::select! {
-                biased;
-                () = rx.ready() => continue,
-                () = &mut ping => {
-                    // Nothing to send for a ping interval: idle.
-                    batch = Batch::new();
-                    rx.release_spare();
+) -> impl Future<Output = ()> {
+    // An async block rather than an async fn: an async fn moves its
+    // arguments into locals and keeps both for its whole life; a block uses
+    // what it captures in place. Every idle connection holds this future.
+    async move {
+        let closer = rx.closer();
+        let ping = tokio::time::sleep(ping_every);
+        tokio::pin!(ping);
+        let mut batch = Batch::new();
+        // Looked up once: a registry lookup per batch shows on the hot path.
+        let bytes_out = metrics::counter!("securechat_bytes_out_total");
+        let delivered_total = metrics::counter!("securechat_messages_delivered_total");
+        let mut written = 0;
+        loop {
+            if let Some(reason) = rx.close_reason() {
+                // Boxed, like the slow path below: run once, kept out of the
+                // idle writer's size.
+                let finish = tokio::time::timeout(close_timeout, finish(&mut io, &mut rx, reason));
+                let _ = Box::pin(finish).await;
+                return;
+            }
+            let bytes = rx.take(&mut batch, std::mem::take(&mut written));
+            if bytes == 0 {
+                tokio::select! {
+                    biased;
+                    () = rx.ready() => continue,
+                    () = &mut ping => {
+                        // Nothing to send for a ping interval: idle.
+                        batch = Batch::new();
+                        rx.release_spare();
+                    }
                 }
             }
-        }
-        // A client that is sent something all the time still gets its pings.
-        let now = tokio::time::Instant::now();
-        if ping.deadline() <= now {
-            batch.push(Outgoing::Framed(transport::ping_frame()));
-            ping.as_mut().reset(now + ping_every);
-        }
-        let delivered = batch
-            .iter()
-            .filter(|item| matches!(item, Outgoing::Text(_)))
-            .count();
-        // Usually the socket takes the batch at once; only a write that
-        // has to wait takes the slower path that also watches for a close
-        // (boxed: inline, its state would double every idle writer's size).
-        let mut sent = 0;
-        let first = std::future::poll_fn(|cx| {
-            Poll::Ready(transport::poll_write_batch(&mut io, &batch, &mut sent, cx))
-        })
-        .await;
-        let written_ok = match first {
-            Poll::Ready(result) => result.is_ok(),
-            Poll::Pending => {
-                Box::pin(write_or_abandon(
-                    &mut io,
-                    &batch,
-                    sent,
-                    &closer,
-                    close_timeout,
-                ))
-                .await
+            // A client that is sent something all the time still gets its pings.
+            let now = tokio::time::Instant::now();
+            if ping.deadline() <= now {
+                batch.push(Outgoing::Framed(transport::ping_frame()));
+                ping.as_mut().reset(now + ping_every);
             }
-        };
-        if !written_ok {
-            return;
-        }
-        written = bytes;
-        let count = batch.len();
-        batch.clear();
-        if batch.spilled() && (count <= QUIET_BATCH || batch.capacity() > SPARE_BATCH) {
-            batch = Batch::new();
-        }
-        if delivered > 0 {
-            bytes_out.increment(bytes as u64);
-            delivered_total.increment(delivered as u64);
+            let delivered = batch
+                .iter()
+                .filter(|item| matches!(item, Outgoing::Text(_)))
+                .count();
+            // Usually the socket takes the batch at once; only a write that
+            // has to wait takes the slower path that also watches for a close
+            // (boxed: inline, its state would double every idle writer's size).
+            let mut sent = 0;
+            let first = std::future::poll_fn(|cx| {
+                Poll::Ready(transport::poll_write_batch(&mut io, &batch, &mut sent, cx))
+            })
+            .await;
+            let written_ok = match first {
+                Poll::Ready(result) => result.is_ok(),
+                Poll::Pending => {
+                    Box::pin(write_or_abandon(
+                        &mut io,
+                        &batch,
+                        sent,
+                        &closer,
+                        close_timeout,
+                    ))
+                    .await
+                }
+            };
+            if !written_ok {
+                return;
+            }
+            written = bytes;
+            let count = batch.len();
+            batch.clear();
+            if batch.spilled() && (count <= QUIET_BATCH || batch.capacity() > SPARE_BATCH) {
+                batch = Batch::new();
+            }
+            if delivered > 0 {
+                bytes_out.increment(bytes as u64);
+                delivered_total.increment(delivered as u64);
+            }
         }
     }
 }
