@@ -346,17 +346,6 @@ impl TlsStream {
         &mut self,
         f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>) -> R,
     ) -> io::Result<R> {
-        let mut incoming = std::mem::take(&mut self.incoming);
-        let result = self.with_write_traffic_in(&mut incoming, f);
-        self.incoming = incoming;
-        result
-    }
-
-    fn with_write_traffic_in<R>(
-        &mut self,
-        incoming: &mut Vec<u8>,
-        f: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>) -> R,
-    ) -> io::Result<R> {
         let mut f = Some(f);
         let mut result = None;
         let mut run = |traffic: &mut WriteTraffic<'_, ServerConnectionData>| {
@@ -364,8 +353,13 @@ impl TlsStream {
                 result = Some(f(traffic));
             }
         };
-        let used = self.process(incoming, None, Some(&mut run))?;
-        incoming.drain(..used);
+        let mut incoming = std::mem::take(&mut self.incoming);
+        let processed = self.process(&mut incoming, None, Some(&mut run));
+        if let Ok(used) = processed {
+            incoming.drain(..used);
+        }
+        self.incoming = incoming;
+        processed?;
         match result {
             Some(result) => Ok(result),
             None if self.eof => Err(io::ErrorKind::BrokenPipe.into()),
@@ -380,17 +374,7 @@ impl TlsStream {
     /// of the records. Records rustls queued itself (a key update) are in
     /// `outgoing`, ahead of these.
     fn encrypt(&mut self, plain: &[u8], tls: &mut Vec<u8>) -> io::Result<usize> {
-        self.with_write_traffic(|traffic| {
-            loop {
-                match traffic.encrypt(plain, tls) {
-                    Ok(n) => return Ok(n),
-                    Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                        required_size,
-                    })) => tls.resize(required_size, 0),
-                    Err(e) => return Err(io::Error::other(e.to_string())),
-                }
-            }
-        })?
+        self.with_write_traffic(|traffic| encrypt_into(tls, |out| traffic.encrypt(plain, out)))?
     }
 
     /// Hands over plaintext already decrypted; `true` if any was.
@@ -413,6 +397,23 @@ impl TlsStream {
 
 /// What a write does once rustls is ready for application data.
 type OnWrite<'a> = dyn FnMut(&mut WriteTraffic<'_, ServerConnectionData>) + 'a;
+
+/// Runs one of rustls's encrypting calls into `buf`, growing it as asked;
+/// the length written.
+fn encrypt_into(
+    buf: &mut Vec<u8>,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<usize> {
+    loop {
+        match encrypt(buf) {
+            Ok(n) => return Ok(n),
+            Err(EncryptError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                buf.resize(required_size, 0)
+            }
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+}
 
 /// Runs rustls's `encode` into the end of `out`, growing it as asked.
 fn encode_into(
@@ -548,19 +549,11 @@ impl AsyncWrite for TlsStream {
             this.close_notify_sent = true;
             let mut alert = vec![0u8; 64];
             let queued = this.with_write_traffic(|traffic| {
-                loop {
-                    match traffic.queue_close_notify(&mut alert) {
-                        Ok(n) => return Some(n),
-                        Err(EncryptError::InsufficientSize(InsufficientSizeError {
-                            required_size,
-                        })) => alert.resize(required_size, 0),
-                        Err(_) => return None,
-                    }
-                }
+                encrypt_into(&mut alert, |out| traffic.queue_close_notify(out))
             });
             // A connection that cannot send it (never completed, already
             // closed) just ends.
-            if let Ok(Some(n)) = queued {
+            if let Ok(Ok(n)) = queued {
                 this.outgoing.extend_from_slice(&alert[..n]);
             }
         }
