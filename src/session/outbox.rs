@@ -231,9 +231,7 @@ impl OutboxReceiver {
         std::mem::swap(&mut queue.items, batch);
         queue.bytes
     }
-}
 
-impl OutboxReceiver {
     /// Gives back the queue's buffer if a burst made one and it is empty.
     pub fn release_spare(&self) {
         let mut queue = lock(&self.shared.queue);
@@ -322,6 +320,8 @@ mod tests {
         batch.clear();
         rx.take(&mut batch, 3);
         batch.clear();
+        // The writer's spilled (now empty) buffer goes back to the queue
+        // with the next take; stand in for that here.
         std::mem::swap(&mut batch, &mut lock(&rx.shared.queue).items);
         rx.release_spare();
         assert!(!lock(&rx.shared.queue).items.spilled());
