@@ -79,14 +79,7 @@ async fn records_arriving_a_byte_at_a_time_are_served() {
         .connect(ServerName::try_from("localhost").unwrap(), Trickle(tcp))
         .await
         .expect("TLS handshake sent a byte at a time");
-    let req = server
-        .request()
-        .header(
-            "Authorization",
-            format!("Bearer {}", server.token("trickle")),
-        )
-        .body(())
-        .unwrap();
+    let req = server.bearer_request(&server.token("trickle"));
     let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
         .await
         .expect("upgrade");
@@ -106,12 +99,7 @@ async fn records_arriving_a_byte_at_a_time_are_served() {
 
 #[tokio::test]
 async fn messages_larger_than_a_record_cross_both_ways() {
-    let server = TestServer::start_with(|c| {
-        c.limits.max_message_bytes = 256 * 1024;
-        c.limits.max_frame_bytes = 256 * 1024;
-        c.limits.max_write_buffer_bytes = 1024 * 1024;
-    })
-    .await;
+    let server = TestServer::start_with(|c| allow_messages_of(c, 256 * 1024)).await;
     let mut sender = server.member("big-sender", "general").await;
     let mut receiver = server.member("big-receiver", "general").await;
     // 100 KiB: seven TLS records from the client, seven to each member.
@@ -128,6 +116,14 @@ async fn messages_larger_than_a_record_cross_both_ways() {
     assert_eq!(own["body"], body.as_str());
 }
 
+/// Raises the message and frame limits to `bytes` (and the control-reply
+/// buffer above them, as validation asks).
+fn allow_messages_of(c: &mut securechat::config::Config, bytes: usize) {
+    c.limits.max_message_bytes = bytes;
+    c.limits.max_frame_bytes = bytes;
+    c.limits.max_write_buffer_bytes = 4 * bytes;
+}
+
 /// The next `message` frame from `sub` (skipping the client's own).
 async fn message_from(client: &mut common::Client, sub: &str) -> Value {
     loop {
@@ -140,19 +136,8 @@ async fn message_from(client: &mut common::Client, sub: &str) -> Value {
 
 #[tokio::test]
 async fn a_tls_1_2_client_chats_with_messages_larger_than_a_record() {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-
-    let server = TestServer::start_with(|c| {
-        c.limits.max_message_bytes = 64 * 1024;
-        c.limits.max_frame_bytes = 64 * 1024;
-        c.limits.max_write_buffer_bytes = 256 * 1024;
-    })
-    .await;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(server.pki.ca.cert_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
+    let server = TestServer::start_with(|c| allow_messages_of(c, 64 * 1024)).await;
+    let roots = common::root_store(&server.pki.ca.cert_pem);
     let mut config = rustls::ClientConfig::builder_with_provider(securechat::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS12])
         .unwrap()
@@ -168,14 +153,7 @@ async fn a_tls_1_2_client_chats_with_messages_larger_than_a_record() {
         tls.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
-    let req = server
-        .request()
-        .header(
-            "Authorization",
-            format!("Bearer {}", server.token("old-tls")),
-        )
-        .body(())
-        .unwrap();
+    let req = server.bearer_request(&server.token("old-tls"));
     let mut client = server.upgrade_on(tls, req).await.expect("upgrade");
     assert_eq!(client.recv().await["type"], "welcome");
     client.join("general").await;

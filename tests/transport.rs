@@ -186,14 +186,7 @@ async fn mtls_session(server: &TestServer, cert: Option<&securechat::certs::PemP
     else {
         return false;
     };
-    let req = server
-        .request()
-        .header(
-            "Authorization",
-            format!("Bearer {}", server.token("certuser")),
-        )
-        .body(())
-        .unwrap();
+    let req = server.bearer_request(&server.token("certuser"));
     // With TLS 1.3 the client learns of a refused certificate only when it reads.
     match tokio_tungstenite::client_async(req, tls).await {
         Ok((mut ws, _)) => matches!(
@@ -280,14 +273,7 @@ async fn slow_handshakes_are_dropped_at_the_deadline() {
 async fn over_the_connection_cap_gets_503() {
     let server = TestServer::start_with(|c| c.limits.max_connections = 1).await;
     let _first = server.connect(&server.token("first")).await;
-    let req = server
-        .request()
-        .header(
-            "Authorization",
-            format!("Bearer {}", server.token("second")),
-        )
-        .body(())
-        .unwrap();
+    let req = server.bearer_request(&server.token("second"));
     let refused = server.expect_refused(req, 503, "over_capacity").await;
     assert!(refused.headers.contains_key("retry-after"));
 }
@@ -311,11 +297,7 @@ async fn graceful_shutdown_closes_sessions_with_1001() {
 
     let (status, body) = http_get(&server, "/readyz").await;
     assert_eq!((status, body["status"].as_str()), (503, Some("draining")));
-    let req = server
-        .request()
-        .header("Authorization", format!("Bearer {}", server.token("late")))
-        .body(())
-        .unwrap();
+    let req = server.bearer_request(&server.token("late"));
     server.expect_refused(req, 503, "shutting_down").await;
 
     // Sessions wait for each client's close reply: let them all go.
@@ -366,13 +348,11 @@ async fn a_client_close_is_answered_and_pings_are_answered() {
         .send(Message::Ping(Bytes::from_static(b"are you there")))
         .await
         .unwrap();
-    let pong = loop {
-        match tokio::time::timeout(WAIT, client.ws.next()).await {
-            Ok(Some(Ok(Message::Pong(payload)))) => break payload,
-            Ok(Some(Ok(_))) => {}
-            other => panic!("no pong: {other:?}"),
-        }
-    };
+    let pong = next_matching(&mut client, "pong", |m| match m {
+        Message::Pong(payload) => Some(payload),
+        _ => None,
+    })
+    .await;
     assert_eq!(&pong[..], b"are you there");
 
     // A close from the client is echoed with its code before the server
@@ -385,23 +365,38 @@ async fn a_client_close_is_answered_and_pings_are_answered() {
         })))
         .await
         .unwrap();
-    let echo = loop {
-        match tokio::time::timeout(WAIT, client.ws.next()).await {
-            Ok(Some(Ok(Message::Close(frame)))) => break frame,
-            Ok(Some(Ok(_))) => {}
-            other => panic!("no close echo: {other:?}"),
-        }
-    };
+    let echo = next_matching(&mut client, "close echo", |m| match m {
+        Message::Close(frame) => Some(frame),
+        _ => None,
+    })
+    .await;
     assert_eq!(echo.map(|f| u16::from(f.code)), Some(1001));
     // Then the stream ends.
     let end = tokio::time::timeout(WAIT, client.ws.next()).await;
     assert!(matches!(end, Ok(None) | Ok(Some(Err(_)))), "{end:?}");
 }
 
+/// The first frame `pick` accepts, skipping others; fails on the end of
+/// the connection, an error, or after [`WAIT`].
+async fn next_matching<T>(
+    client: &mut common::Client,
+    what: &str,
+    pick: impl Fn(Message) -> Option<T>,
+) -> T {
+    loop {
+        match tokio::time::timeout(WAIT, client.ws.next()).await {
+            Ok(Some(Ok(message))) => {
+                if let Some(found) = pick(message) {
+                    return found;
+                }
+            }
+            other => panic!("no {what}: {other:?}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
-    use rustls_pki_types::pem::PemObject;
-
     let server = TestServer::start().await;
     let ca = server.pki.ca.cert_pem.clone();
     // rustls' own order puts AES-256-GCM first, as many non-browser clients do.
@@ -417,14 +412,10 @@ async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
     ] {
         let mut provider = rustls::crypto::aws_lc_rs::default_provider();
         provider.cipher_suites.sort_by_key(|s| s.suite() != first);
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.as_bytes()) {
-            roots.add(cert.unwrap()).unwrap();
-        }
         let config = rustls::ClientConfig::builder_with_provider(provider.into())
             .with_protocol_versions(&[protocol])
             .unwrap()
-            .with_root_certificates(roots)
+            .with_root_certificates(common::root_store(&ca))
             .with_no_client_auth();
         let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
         let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();

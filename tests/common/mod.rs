@@ -302,13 +302,17 @@ impl TestServer {
             .header("Sec-WebSocket-Protocol", "securechat.v1")
     }
 
-    /// Connects with the token in the Authorization header and reads `welcome`.
-    pub async fn connect(&self, token: &str) -> Client {
-        let req = self
-            .request()
+    /// An upgrade request carrying `token` in the Authorization header.
+    pub fn bearer_request(&self, token: &str) -> Request<()> {
+        self.request()
             .header("Authorization", format!("Bearer {token}"))
             .body(())
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Connects with the token in the Authorization header and reads `welcome`.
+    pub async fn connect(&self, token: &str) -> Client {
+        let req = self.bearer_request(token);
         let mut client = self.try_connect(req).await.expect("upgrade accepted");
         let welcome = client.recv().await;
         assert_eq!(welcome["type"], "welcome", "{welcome}");
@@ -541,20 +545,25 @@ impl Client {
     }
 }
 
+/// The roots of a client that trusts `ca_pem`.
+pub fn root_store(ca_pem: &str) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    roots
+}
+
 /// A rustls client configuration trusting `ca_pem`.
 pub fn client_tls_config(
     ca_pem: &str,
     alpn: &[&[u8]],
     client_cert: Option<&PemPair>,
 ) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots.add(cert.unwrap()).unwrap();
-    }
     let builder = rustls::ClientConfig::builder_with_provider(securechat::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
-        .with_root_certificates(roots);
+        .with_root_certificates(root_store(ca_pem));
     let mut config = match client_cert {
         Some(pair) => {
             let chain = CertificateDer::pem_slice_iter(pair.cert_pem.as_bytes())
