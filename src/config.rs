@@ -368,6 +368,12 @@ pub struct SessionConfig {
     pub read_timeout_secs: u64,
     /// No frame but `ping` for this long: closed with 4010, whatever the token.
     pub idle_timeout_secs: u64,
+    /// A writer whose last write carried at least `write_coalesce_frames`
+    /// frames writes again no sooner than this after that write began (0:
+    /// never waits).
+    pub write_coalesce_ms: u64,
+    /// The batch size that tells a writer its connection is busy.
+    pub write_coalesce_frames: usize,
 }
 
 impl Default for SessionConfig {
@@ -378,6 +384,8 @@ impl Default for SessionConfig {
             ping_interval_secs: 20,
             read_timeout_secs: 60,
             idle_timeout_secs: 3600,
+            write_coalesce_ms: 20,
+            write_coalesce_frames: 8,
         }
     }
 }
@@ -936,6 +944,18 @@ impl Config {
             return Err(self.invalid(
                 "session.idle_timeout_secs",
                 "must be between 1 and 604800 (7 days)",
+            ));
+        }
+        if s.write_coalesce_ms > 1000 {
+            return Err(self.invalid(
+                "session.write_coalesce_ms",
+                "must be between 0 (off) and 1000",
+            ));
+        }
+        if s.write_coalesce_frames < 2 || s.write_coalesce_frames > 4096 {
+            return Err(self.invalid(
+                "session.write_coalesce_frames",
+                "must be between 2 and 4096",
             ));
         }
         let b = &self.bans;

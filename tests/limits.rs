@@ -423,3 +423,60 @@ async fn proxy_protocol_names_the_client_for_bans() {
     // A trusted peer that sends no header is dropped.
     assert!(server.try_tls(&[b"http/1.1"], None).await.is_err());
 }
+
+/// Sends `body` to `room` without waiting for anything.
+async fn send_message(client: &mut Client, room: &str, body: &str) {
+    client
+        .send(json!({"type": "send", "room": room, "id": body, "body": body}))
+        .await;
+}
+
+/// Reads until `bodies.len()` acks and as many messages have arrived;
+/// asserts both came in the order of `bodies` (a close fails the read).
+async fn read_echoes(client: &mut Client, bodies: &[String]) {
+    let (mut acks, mut messages) = (Vec::new(), Vec::new());
+    while acks.len() < bodies.len() || messages.len() < bodies.len() {
+        let frame = client.recv().await;
+        match frame["type"].as_str() {
+            Some("ack") => acks.push(frame["id"].as_str().unwrap().to_string()),
+            Some("message") => messages.push(frame["body"].as_str().unwrap().to_string()),
+            _ => panic!("unexpected frame {frame}"),
+        }
+    }
+    assert_eq!(acks, bodies);
+    assert_eq!(messages, bodies);
+}
+
+#[tokio::test]
+async fn busy_connections_get_coalesced_writes_and_a_filling_queue_is_written_at_once() {
+    let server = TestServer::start_with(|c| {
+        c.limits.outbound_queue_messages = 16;
+        c.session.write_coalesce_ms = 1000;
+        c.session.write_coalesce_frames = 2;
+    })
+    .await;
+    let mut client = server.member("busy", "general").await;
+    // A send queues two frames at once (this member's copy and the ack): a
+    // batch of two, after which the writer holds back for a second.
+    send_message(&mut client, "general", "m0").await;
+    read_echoes(&mut client, &["m0".to_string()]).await;
+    let sent = std::time::Instant::now();
+    send_message(&mut client, "general", "m1").await;
+    read_echoes(&mut client, &["m1".to_string()]).await;
+    let waited = sent.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "the second batch came {waited:?} after its send: it was not held back"
+    );
+    // Held back again. Twelve sends in groups of three make 24 frames, more
+    // than the queue's 16: the queue reaching half its bound ends each hold,
+    // so none overflows (which would close the session with 4009).
+    let bodies: Vec<String> = (2..14).map(|i| format!("m{i}")).collect();
+    for group in bodies.chunks(3) {
+        for body in group {
+            send_message(&mut client, "general", body).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    read_echoes(&mut client, &bodies).await;
+}

@@ -1,7 +1,9 @@
 //! One WebSocket connection after the upgrade: a reader (this task) that
 //! handles client frames and a writer (a task of its own) that drains the
 //! bounded outbox, so a delivery wakes only the writer and a client frame
-//! only the reader.
+//! only the reader. A writer that keeps finding a backlog holds back between
+//! writes (`session.write_coalesce_ms`), so a busy connection gets few large
+//! writes instead of one per message.
 //!
 //! Frame handling lives in [`handler`]; the outbound queue in [`outbox`];
 //! framing and the split of the connection in [`transport`].
@@ -230,9 +232,8 @@ impl Connection {
         // Completes at its first poll (there is no handshake to do).
         let stream = WebSocketStream::from_raw_socket(read, Role::Server, Some(state.ws_config))
             .now_or_never()?;
-        let close_timeout = Duration::from_millis(state.config.session.close_timeout_ms);
-        let ping_every = Duration::from_secs(state.config.session.ping_interval_secs);
-        let writer = tokio::spawn(write_loop(write, outbox_rx, close_timeout, ping_every));
+        let timing = WriterTiming::new(&state.config.session);
+        let writer = tokio::spawn(write_loop(write, outbox_rx, timing));
         let id = state.next_session_id();
         let mut session = Session::new(id, identity, outbox, user, state);
         session.too_fragmented = too_fragmented;
@@ -309,21 +310,27 @@ const SPARE_BATCH: usize = 64;
 /// given back, so an idle connection holds none (one entry is inline).
 const QUIET_BATCH: usize = 2;
 
-/// Writes what the outbox holds, everything queued in one batch, and a ping
-/// every `ping_every`, until a close is requested; then writes what is still
+/// Writes what the outbox holds, everything queued in one batch (after a
+/// batch of `coalesce_frames` or more, no sooner than `coalesce` after it
+/// began), and a ping every `ping_every`, until a close is requested; then writes what is still
 /// queued (unless the client is the slow one) and the close frame, within
 /// `close_timeout`.
 #[allow(clippy::manual_async_fn)] // see the comment in the body
 fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
     mut rx: OutboxReceiver,
-    close_timeout: Duration,
-    ping_every: Duration,
+    timing: WriterTiming,
 ) -> impl Future<Output = ()> {
     // An async block rather than an async fn: an async fn moves its
     // arguments into locals and keeps both for its whole life; a block uses
     // what it captures in place. Every idle connection holds this future.
     async move {
+        let WriterTiming {
+            close_timeout,
+            ping_every,
+            coalesce,
+            coalesce_frames,
+        } = timing;
         let closer = rx.closer();
         let ping = tokio::time::sleep(ping_every);
         tokio::pin!(ping);
@@ -362,6 +369,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
                 .count();
+            let write_start = tokio::time::Instant::now();
             // Usually the socket takes the batch at once; only a write that
             // has to wait takes the slower path that also watches for a close
             // (boxed: inline, its state would double every idle writer's size).
@@ -396,6 +404,35 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 bytes_out.increment(bytes as u64);
                 delivered_total.increment(delivered as u64);
             }
+            // A backlog built up while the last write went out: the server or
+            // this connection is busy. Writing again at once would mean one
+            // small write per message, each costing the kernel about as much
+            // as a large one; waiting lets the next write carry many.
+            if !coalesce.is_zero() && count >= coalesce_frames {
+                // Boxed: only busy connections get here.
+                Box::pin(rx.hold(write_start + coalesce)).await;
+            }
+        }
+    }
+}
+
+/// The writer's timers, from `[session]`.
+#[derive(Clone, Copy)]
+struct WriterTiming {
+    close_timeout: Duration,
+    ping_every: Duration,
+    /// See `session.write_coalesce_ms`: zero when off.
+    coalesce: Duration,
+    coalesce_frames: usize,
+}
+
+impl WriterTiming {
+    fn new(session: &crate::config::SessionConfig) -> Self {
+        Self {
+            close_timeout: Duration::from_millis(session.close_timeout_ms),
+            ping_every: Duration::from_secs(session.ping_interval_secs),
+            coalesce: Duration::from_millis(session.write_coalesce_ms),
+            coalesce_frames: session.write_coalesce_frames,
         }
     }
 }

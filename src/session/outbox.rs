@@ -5,7 +5,8 @@
 //! The writer takes everything queued at once and writes it as one batch, so
 //! a member that falls behind catches up in few large writes rather than
 //! many small ones. Only a push onto an empty queue wakes the writer; pushes
-//! behind it ride along. An idle queue holds no allocation beyond its
+//! behind it ride along. A writer holding back to coalesce its writes is
+//! woken only when the queue reaches half its bound (or on a close). An idle queue holds no allocation beyond its
 //! shared header.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -51,6 +52,9 @@ struct Queue {
     items: Batch,
     /// Bytes queued plus bytes taken by the writer and not yet written.
     bytes: usize,
+    /// The writer is holding back to coalesce writes: a push onto the empty
+    /// queue does not wake it, a queue at half its bound does.
+    holding: bool,
 }
 
 struct Shared {
@@ -129,8 +133,13 @@ impl Outbox {
         let was_empty = queue.items.is_empty();
         queue.items.push(item);
         queue.bytes += len;
+        let wake = if queue.holding {
+            shared.half_full(&queue)
+        } else {
+            was_empty
+        };
         drop(queue);
-        if was_empty {
+        if wake {
             shared.ready.notify_one();
         }
         true
@@ -159,6 +168,11 @@ impl Outbox {
 }
 
 impl Shared {
+    /// The queue holds half its message or byte bound.
+    fn half_full(&self, queue: &Queue) -> bool {
+        queue.items.len() * 2 >= self.max_messages || queue.bytes * 2 >= self.max_bytes
+    }
+
     /// Sets the close reason if none is set; `true` if this call set it.
     fn set_close(&self, reason: Disconnect) -> bool {
         if self.close.set(reason).is_ok() {
@@ -232,6 +246,35 @@ impl OutboxReceiver {
         queue.bytes
     }
 
+    /// Holds back until `until` to coalesce writes: returns then, or sooner
+    /// when the queue reaches half its bound or a close is requested.
+    pub async fn hold(&self, until: tokio::time::Instant) {
+        let shared = &*self.shared;
+        {
+            let mut queue = lock(&shared.queue);
+            if shared.half_full(&queue) {
+                return;
+            }
+            queue.holding = true;
+        }
+        let sleep = tokio::time::sleep_until(until);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut sleep => break,
+                // A push onto the queue emptied by the last take may have
+                // woken the writer before it began holding: check and wait on.
+                () = shared.ready.notified() => {
+                    if shared.close.get().is_some() || shared.half_full(&lock(&shared.queue)) {
+                        break;
+                    }
+                }
+            }
+        }
+        lock(&shared.queue).holding = false;
+    }
+
     /// Gives back the queue's buffer if a burst made one and it is empty.
     pub fn release_spare(&self) {
         let mut queue = lock(&self.shared.queue);
@@ -253,6 +296,7 @@ impl Drop for OutboxReceiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn texts(batch: &[Outgoing]) -> Vec<String> {
         batch
@@ -325,6 +369,87 @@ mod tests {
         std::mem::swap(&mut batch, &mut lock(&rx.shared.queue).items);
         rx.release_spare();
         assert!(!lock(&rx.shared.queue).items.spilled());
+    }
+
+    /// A hold that has not ended by itself after a pause (it waits a minute).
+    async fn still_holding(hold: &tokio::task::JoinHandle<()>) -> bool {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        !hold.is_finished()
+    }
+
+    fn spawn_hold(rx: OutboxReceiver) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60))
+                .await
+        })
+    }
+
+    async fn ends(hold: tokio::task::JoinHandle<()>) {
+        tokio::time::timeout(Duration::from_secs(10), hold)
+            .await
+            .expect("the hold ended")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_hold_lasts_through_pushes_below_half_the_bound() {
+        let (tx, mut rx) = outbox(8, 1000);
+        // A push onto the queue the last take emptied, before the hold began.
+        let mut batch = Batch::new();
+        rx.take(&mut batch, 0);
+        assert!(tx.push_text("a".into()));
+        let hold = spawn_hold(rx);
+        assert!(still_holding(&hold).await);
+        for text in ["b", "c"] {
+            assert!(tx.push_text(text.into()));
+        }
+        assert!(still_holding(&hold).await, "3 of 8 is below half");
+        assert!(tx.push_text("d".into()));
+        ends(hold).await;
+    }
+
+    #[tokio::test]
+    async fn a_hold_ends_at_half_the_byte_bound_and_on_close() {
+        let (tx, rx) = outbox(100, 100);
+        let hold = spawn_hold(rx);
+        assert!(tx.push_text("x".repeat(40)));
+        assert!(still_holding(&hold).await);
+        assert!(tx.push_text("x".repeat(10)));
+        ends(hold).await;
+
+        let (tx, rx) = outbox(100, 100);
+        let hold = spawn_hold(rx);
+        assert!(still_holding(&hold).await);
+        tx.close(Disconnect::ShuttingDown);
+        ends(hold).await;
+    }
+
+    #[tokio::test]
+    async fn a_hold_on_a_half_full_queue_ends_at_once_and_pushes_wake_again_after_it() {
+        let (tx, mut rx) = outbox(4, 1000);
+        assert!(tx.push_text("a".into()));
+        assert!(tx.push_text("b".into()));
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60)),
+        )
+        .await
+        .expect("no hold on a half-full queue");
+        let mut batch = Batch::new();
+        assert_eq!(rx.take(&mut batch, 0), 2);
+        // Not holding any more: a push onto the empty queue wakes the writer.
+        let waiting = tokio::spawn(async move {
+            loop {
+                rx.ready().await;
+                batch.clear();
+                if rx.take(&mut batch, 0) > 0 {
+                    return;
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(tx.push_text("c".into()));
+        ends(waiting).await;
     }
 
     #[tokio::test]
