@@ -535,7 +535,7 @@ fn header(out: &mut String, meta: &Value) {
     );
     let _ = writeln!(
         out,
-        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus at most {} KiB of TLS records waiting for the socket), server pings every {} s. \
+        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus at most {} KiB of TLS records waiting for the socket), server pings every {} s{}. \
          The Node `ws` {} tutorial server on Node {} (`bench/peers/ws-tutorial/server.js`: https server, `ws` server on it, every message broadcast to every open client). \
          Bun {} `Bun.serve` with TLS and built-in pub/sub (`bench/peers/bun/server.ts`: every socket subscribes to one topic, every message is published to it, sender included).",
         s("securechat_version"),
@@ -547,6 +547,7 @@ fn header(out: &mut String, meta: &Value) {
             / 1024,
         tls_send_buffer(&meta["securechat_limits"]) / 1024,
         meta["securechat_limits"]["ping_interval_secs"],
+        coalescing(&meta["securechat_limits"]),
         s("ws_version"),
         s("node_version"),
         s("bun_version"),
@@ -1093,6 +1094,21 @@ fn draw_charts(runs: &Runs, dir: &Path) -> Result<Vec<(String, String)>, String>
 /// What securechat holds encrypted and unsent per connection at most, from
 /// a results file's limits (older files recorded the WebSocket write buffer
 /// in its place).
+/// How the run's securechat coalesced writes (runs recorded before the
+/// setting existed name none).
+fn coalescing(limits: &Value) -> String {
+    match (
+        limits["write_coalesce_ms"].as_u64(),
+        limits["write_coalesce_frames"].as_u64(),
+    ) {
+        (Some(0), _) => ", write coalescing off".to_string(),
+        (Some(ms), Some(frames)) => format!(
+            ", writes to busy connections coalesced as by default (after a write of {frames} or more frames, the next no sooner than {ms} ms after it began)"
+        ),
+        _ => String::new(),
+    }
+}
+
 fn tls_send_buffer(limits: &Value) -> u64 {
     limits["tls_send_buffer_bytes"]
         .as_u64()

@@ -107,6 +107,9 @@ pub const MAX_WRITE_BUFFER_BYTES: u64 = 64 * 1024;
 /// plaintext and record overhead), taken only once the previous are out.
 pub const TLS_SEND_BUFFER_BYTES: u64 = 17 * 1024;
 pub const PING_INTERVAL_SECS: u64 = 20;
+/// Write coalescing on busy connections, at securechat's defaults.
+pub const WRITE_COALESCE_MS: u64 = 20;
+pub const WRITE_COALESCE_FRAMES: u64 = 8;
 
 /// One scenario run, as the command line of the load generator.
 struct Plan {
@@ -510,6 +513,8 @@ max_write_buffer_bytes = {MAX_WRITE_BUFFER_BYTES}
 
 [session]
 ping_interval_secs = {PING_INTERVAL_SECS}
+write_coalesce_ms = {WRITE_COALESCE_MS}
+write_coalesce_frames = {WRITE_COALESCE_FRAMES}
 
 [bans]
 enabled = false
@@ -824,6 +829,8 @@ fn meta(args: &Args, reps: usize, setup: &Setup) -> Value {
             "max_write_buffer_bytes": MAX_WRITE_BUFFER_BYTES,
             "tls_send_buffer_bytes": TLS_SEND_BUFFER_BYTES,
             "ping_interval_secs": PING_INTERVAL_SECS,
+            "write_coalesce_ms": WRITE_COALESCE_MS,
+            "write_coalesce_frames": WRITE_COALESCE_FRAMES,
         },
         "plans": plans(args).iter().map(|p| json!({"scenario": p.scenario, "args": p.args})).collect::<Vec<_>>(),
     })
