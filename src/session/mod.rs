@@ -409,8 +409,10 @@ fn write_loop<W: AsyncWrite + Unpin>(
             // small write per message, each costing the kernel about as much
             // as a large one; waiting lets the next write carry many.
             if !coalesce.is_zero() && count >= coalesce_frames {
-                // Boxed: only busy connections get here.
-                Box::pin(rx.hold(write_start + coalesce)).await;
+                // Boxed: only busy connections get here. The batch just
+                // written stops counting against the queue's byte bound now.
+                let settled = std::mem::take(&mut written);
+                Box::pin(rx.hold(write_start + coalesce, settled)).await;
             }
         }
     }

@@ -248,10 +248,13 @@ impl OutboxReceiver {
 
     /// Holds back until `until` to coalesce writes: returns then, or sooner
     /// when the queue reaches half its bound or a close is requested.
-    pub async fn hold(&self, until: tokio::time::Instant) {
+    /// `written`: the size of the batch taken before, now written (as for
+    /// [`OutboxReceiver::take`]; the next take is then told 0).
+    pub async fn hold(&self, until: tokio::time::Instant, written: usize) {
         let shared = &*self.shared;
         {
             let mut queue = lock(&shared.queue);
+            queue.bytes = queue.bytes.saturating_sub(written);
             if shared.half_full(&queue) {
                 return;
             }
@@ -379,7 +382,7 @@ mod tests {
 
     fn spawn_hold(rx: OutboxReceiver) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60))
+            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60), 0)
                 .await
         })
     }
@@ -425,13 +428,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_batch_written_before_a_hold_no_longer_counts() {
+        let (tx, mut rx) = outbox(100, 100);
+        assert!(tx.push_text("x".repeat(60)));
+        let mut batch = Batch::new();
+        assert_eq!(rx.take(&mut batch, 0), 60);
+        // Written: 60 of 100 bytes would be past half the bound if still counted.
+        let hold = tokio::spawn(async move {
+            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60), 60)
+                .await
+        });
+        assert!(still_holding(&hold).await);
+        assert!(tx.push_text("x".repeat(50)));
+        ends(hold).await;
+    }
+
+    #[tokio::test]
     async fn a_hold_on_a_half_full_queue_ends_at_once_and_pushes_wake_again_after_it() {
         let (tx, mut rx) = outbox(4, 1000);
         assert!(tx.push_text("a".into()));
         assert!(tx.push_text("b".into()));
         tokio::time::timeout(
             Duration::from_secs(10),
-            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60)),
+            rx.hold(tokio::time::Instant::now() + Duration::from_secs(60), 0),
         )
         .await
         .expect("no hold on a half-full queue");
