@@ -85,6 +85,10 @@ fn describe() {
         "Bytes of frames written."
     );
     describe_counter!(
+        "securechat_write_holds_total",
+        "Writes to busy connections held back to coalesce the next ones (session.write_coalesce_ms)."
+    );
+    describe_counter!(
         "securechat_rate_limited_total",
         "Frames refused for exceeding a message rate."
     );

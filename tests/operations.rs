@@ -34,7 +34,13 @@ fn sample(text: &str, prefix: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_describe_the_node_on_their_own_listener() {
-    let server = TestServer::start().await;
+    // Alice's send queues her copy and the ack at once: a batch of two,
+    // which holds her writer back (`securechat_write_holds_total`).
+    let server = TestServer::start_with(|c| {
+        c.session.write_coalesce_frames = 2;
+        c.session.write_coalesce_ms = 50;
+    })
+    .await;
     let mut alice = server.member("alice", "general").await;
     let mut bob = server.member("bob", "general").await;
     alice.say("general", "m1", "hello").await;
@@ -52,6 +58,7 @@ async fn metrics_describe_the_node_on_their_own_listener() {
         "securechat_messages_delivered_total",
         "securechat_bytes_in_total",
         "securechat_bytes_out_total",
+        "securechat_write_holds_total",
         "securechat_fanout_seconds_bucket",
         "securechat_rooms",
         "securechat_room_members",

@@ -411,6 +411,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
             if !coalesce.is_zero() && count >= coalesce_frames {
                 // Boxed: only busy connections get here. The batch just
                 // written stops counting against the queue's byte bound now.
+                metrics::counter!("securechat_write_holds_total").increment(1);
                 let settled = std::mem::take(&mut written);
                 Box::pin(rx.hold(write_start + coalesce, settled)).await;
             }
