@@ -369,7 +369,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
                 .count();
-            let write_start = tokio::time::Instant::now();
+            let write_start = now;
             // Usually the socket takes the batch at once; only a write that
             // has to wait takes the slower path that also watches for a close
             // (boxed: inline, its state would double every idle writer's size).
