@@ -1091,9 +1091,6 @@ fn draw_charts(runs: &Runs, dir: &Path) -> Result<Vec<(String, String)>, String>
     Ok(drawn)
 }
 
-/// What securechat holds encrypted and unsent per connection at most, from
-/// a results file's limits (older files recorded the WebSocket write buffer
-/// in its place).
 /// How the run's securechat coalesced writes (runs recorded before the
 /// setting existed name none).
 fn coalescing(limits: &Value) -> String {
@@ -1109,6 +1106,9 @@ fn coalescing(limits: &Value) -> String {
     }
 }
 
+/// What securechat holds encrypted and unsent per connection at most, from
+/// a results file's limits (older files recorded the WebSocket write buffer
+/// in its place).
 fn tls_send_buffer(limits: &Value) -> u64 {
     limits["tls_send_buffer_bytes"]
         .as_u64()

@@ -312,9 +312,9 @@ const QUIET_BATCH: usize = 2;
 
 /// Writes what the outbox holds, everything queued in one batch (after a
 /// batch of `coalesce_frames` or more, no sooner than `coalesce` after it
-/// began), and a ping every `ping_every`, until a close is requested; then writes what is still
-/// queued (unless the client is the slow one) and the close frame, within
-/// `close_timeout`.
+/// began), and a ping every `ping_every`, until a close is requested; then
+/// writes what is still queued (unless the client is the slow one) and the
+/// close frame, within `close_timeout`.
 #[allow(clippy::manual_async_fn)] // see the comment in the body
 fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
@@ -359,7 +359,8 @@ fn write_loop<W: AsyncWrite + Unpin>(
                     }
                 }
             }
-            // A client that is sent something all the time still gets its pings.
+            // A client that is sent something all the time still gets its
+            // pings. `now` is also when this write begins.
             let now = tokio::time::Instant::now();
             if ping.deadline() <= now {
                 batch.push(Outgoing::Framed(transport::ping_frame()));
@@ -369,7 +370,6 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
                 .count();
-            let write_start = now;
             // Usually the socket takes the batch at once; only a write that
             // has to wait takes the slower path that also watches for a close
             // (boxed: inline, its state would double every idle writer's size).
@@ -404,16 +404,19 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 bytes_out.increment(bytes as u64);
                 delivered_total.increment(delivered as u64);
             }
-            // A backlog built up while the last write went out: the server or
-            // this connection is busy. Writing again at once would mean one
-            // small write per message, each costing the kernel about as much
-            // as a large one; waiting lets the next write carry many.
+            // A batch this large means messages queue up faster than they are
+            // written: the server or this connection is busy. Writing again
+            // at once would mean one small write per message, each costing
+            // the kernel about as much as a large one; waiting lets the next
+            // write carry many.
             if !coalesce.is_zero() && count >= coalesce_frames {
-                // Boxed: only busy connections get here. The batch just
-                // written stops counting against the queue's byte bound now.
+                // Looked up here, not held by every idle writer: a busy
+                // connection gets here at most once per `coalesce`. Boxed for
+                // the same reason. The batch just written stops counting
+                // against the queue's byte bound now.
                 metrics::counter!("securechat_write_holds_total").increment(1);
                 let settled = std::mem::take(&mut written);
-                Box::pin(rx.hold(write_start + coalesce, settled)).await;
+                Box::pin(rx.hold(now + coalesce, settled)).await;
             }
         }
     }

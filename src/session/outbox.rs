@@ -6,8 +6,8 @@
 //! a member that falls behind catches up in few large writes rather than
 //! many small ones. Only a push onto an empty queue wakes the writer; pushes
 //! behind it ride along. A writer holding back to coalesce its writes is
-//! woken only when the queue reaches half its bound (or on a close). An idle queue holds no allocation beyond its
-//! shared header.
+//! woken only when the queue reaches half its bound (or on a close). An
+//! idle queue holds no allocation beyond its shared header.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -269,7 +269,7 @@ impl OutboxReceiver {
                 // A push onto the queue emptied by the last take may have
                 // woken the writer before it began holding: check and wait on.
                 () = shared.ready.notified() => {
-                    if shared.close.get().is_some() || shared.half_full(&lock(&shared.queue)) {
+                    if self.close_reason().is_some() || shared.half_full(&lock(&shared.queue)) {
                         break;
                     }
                 }
