@@ -253,9 +253,9 @@ async fn serve_connection(
         return serve_http(tcp, peer, None, state, hold, deadline).await;
     };
     match tokio::time::timeout_at(deadline, tls_stream::accept(tls, tcp)).await {
-        Ok(Ok(stream)) => {
-            let subject = crate::tls::client_subject(stream.connection());
-            serve_http(stream, peer, subject, state, hold, deadline).await
+        Ok(Ok(accepted)) => {
+            let subject = accepted.client_subject;
+            serve_http(accepted.stream, peer, subject, state, hold, deadline).await
         }
         Ok(Err(e)) => {
             metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "tls")
@@ -375,9 +375,9 @@ async fn answer_refusal(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, 
     builder.http1().keep_alive(false);
     match tls {
         Some(tls) => {
-            if let Ok(stream) = tls_stream::accept(tls, tcp).await {
+            if let Ok(accepted) = tls_stream::accept(tls, tcp).await {
                 let _ = builder
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(accepted.stream), service)
                     .await;
             }
         }

@@ -236,6 +236,9 @@ fn build(
     let mut config = builder.with_cert_resolver(store.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
+    // After a TLS 1.3 handshake the server protects the records itself,
+    // with the keys rustls negotiated (see `tls_stream::Records`).
+    config.enable_secret_extraction = true;
     Ok(TlsSetup {
         config: Arc::new(config),
         leaf,

@@ -20,11 +20,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::ServerConfig;
+use rustls::crypto::cipher::{
+    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
+    OutboundPlainMessage, Tls13AeadAlgorithm,
+};
+use rustls::kernel::KernelConnection;
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
     WriteTraffic,
+};
+use rustls::{
+    AlertDescription, ConnectionTrafficSecrets, ContentType, ProtocolVersion, ServerConfig,
+    SupportedCipherSuite,
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -65,7 +73,7 @@ thread_local! {
 /// A server TLS connection over TCP.
 pub struct TlsStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    conn: Conn,
     /// Received bytes not yet processed: an incomplete record (or, during
     /// the handshake, records rustls has not finished joining).
     incoming: Vec<u8>,
@@ -81,23 +89,43 @@ pub struct TlsStream {
     close_notify_sent: bool,
 }
 
+/// Who protects the records.
+enum Conn {
+    /// rustls: the handshake, and TLS 1.2 connections throughout.
+    Rustls(Box<UnbufferedServerConnection>),
+    /// TLS 1.3 after the handshake (see [`Records`]).
+    Records(Box<Records>),
+    /// Only while one becomes the other.
+    Switching,
+}
+
+/// A completed handshake.
+pub struct Accepted {
+    pub stream: TlsStream,
+    /// The subject of the client's verified certificate, if it sent one.
+    pub client_subject: Option<String>,
+}
+
 impl std::fmt::Debug for TlsStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStream")
             .field("peer", &self.tcp.peer_addr().ok())
-            .field("handshaking", &self.conn.is_handshaking())
+            .field("handshaking", &self.handshaking())
             .field("eof", &self.eof)
             .field("failed", &self.failed)
             .finish_non_exhaustive()
     }
 }
 
-/// Runs the server side of the TLS handshake on `tcp`.
-pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<TlsStream> {
+/// Runs the server side of the TLS handshake on `tcp`. A TLS 1.3
+/// connection's records are then protected by [`Records`] (when `config`
+/// allows its secrets to be taken from rustls).
+pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Accepted> {
+    let take_over = config.enable_secret_extraction;
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         tcp,
-        conn,
+        conn: Conn::Rustls(Box::new(conn)),
         incoming: Vec::new(),
         plain: Vec::new(),
         plain_pos: 0,
@@ -107,7 +135,17 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Tls
         close_notify_sent: false,
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
-    Ok(stream)
+    let client_subject = match &stream.conn {
+        Conn::Rustls(conn) => crate::tls::client_subject(conn),
+        _ => None,
+    };
+    if take_over {
+        stream.take_over()?;
+    }
+    Ok(Accepted {
+        stream,
+        client_subject,
+    })
 }
 
 fn tls_error(e: rustls::Error) -> io::Error {
@@ -122,15 +160,46 @@ fn failed_error() -> io::Error {
 }
 
 impl TlsStream {
-    /// The TLS state: negotiated protocol, ALPN, the client's certificates.
-    pub fn connection(&self) -> &rustls::CommonState {
-        &self.conn
+    fn handshaking(&self) -> bool {
+        matches!(&self.conn, Conn::Rustls(conn) if conn.is_handshaking())
+    }
+
+    /// After the handshake of a TLS 1.3 connection: its records are
+    /// protected by [`Records`] from now on. rustls first takes the records
+    /// that already arrived (their plaintext is kept for the reader) and
+    /// stands ready to write, as its hand-over requires; an incomplete
+    /// record stays in `incoming` for [`Records`].
+    fn take_over(&mut self) -> io::Result<()> {
+        let tls13 = matches!(
+            &self.conn,
+            Conn::Rustls(conn) if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+        );
+        if !tls13 {
+            return Ok(());
+        }
+        if let Err(e) = self.with_write_traffic(|_| ()) {
+            // A client that closed at once is served by rustls to the end.
+            return if self.eof { Ok(()) } else { Err(e) };
+        }
+        let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Switching) else {
+            unreachable!("checked above");
+        };
+        match Records::new(*conn, &mut self.outgoing) {
+            Ok(records) => {
+                self.conn = Conn::Records(Box::new(records));
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(tls_error(e))
+            }
+        }
     }
 
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             ready!(self.poll_flush_outgoing(cx))?;
-            if !self.conn.is_handshaking() {
+            if !self.handshaking() {
                 return Poll::Ready(Ok(()));
             }
             if self.eof {
@@ -215,10 +284,15 @@ impl TlsStream {
         mut out: Option<&mut ReadBuf<'_>>,
         mut on_write: Option<&mut OnWrite<'_>>,
     ) -> io::Result<usize> {
+        let conn = match &mut self.conn {
+            Conn::Rustls(conn) => conn,
+            Conn::Records(_) => return self.process_records(data, out),
+            Conn::Switching => return Err(failed_error()),
+        };
         let mut offset = 0;
         loop {
             let UnbufferedStatus { mut discard, state } =
-                self.conn.process_tls_records(&mut data[offset..]);
+                conn.process_tls_records(&mut data[offset..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -290,8 +364,11 @@ impl TlsStream {
     /// send it (the connection is closed after). `rest` is the unprocessed
     /// input, the buffer rustls expects.
     fn send_alert(&mut self, rest: &mut [u8]) {
+        let Conn::Rustls(conn) = &mut self.conn else {
+            return;
+        };
         loop {
-            match self.conn.process_tls_records(rest).state {
+            match conn.process_tls_records(rest).state {
                 Ok(ConnectionState::EncodeTlsData(mut encode)) => {
                     if encode_into(&mut self.outgoing, |buf| encode.encode(buf)).is_err() {
                         break;
@@ -374,7 +451,101 @@ impl TlsStream {
     /// of the records. Records rustls queued itself (a key update) are in
     /// `outgoing`, ahead of these.
     fn encrypt(&mut self, plain: &[u8], tls: &mut Vec<u8>) -> io::Result<usize> {
+        if let Conn::Records(records) = &mut self.conn {
+            tls.clear();
+            records
+                .seal(ContentType::ApplicationData, plain, tls)
+                .map_err(tls_error)?;
+            return Ok(tls.len());
+        }
         self.with_write_traffic(|traffic| encrypt_into(tls, |out| traffic.encrypt(plain, out)))?
+    }
+
+    /// Processes the records in `data` of a connection [`Records`]
+    /// protects and returns how many bytes were consumed (the rest is an
+    /// incomplete record), like [`TlsStream::process`].
+    fn process_records(
+        &mut self,
+        data: &mut [u8],
+        mut out: Option<&mut ReadBuf<'_>>,
+    ) -> io::Result<usize> {
+        let mut offset = 0;
+        while !self.eof {
+            let rest = &mut data[offset..];
+            let Some(&[typ, major, _, high, low]) = rest.get(..5) else {
+                break;
+            };
+            let len = usize::from(u16::from_be_bytes([high, low]));
+            if typ != u8::from(ContentType::ApplicationData) || major != 3 {
+                return Err(self.refuse(Refused::new(
+                    AlertDescription::UnexpectedMessage,
+                    "an unprotected TLS record after the handshake",
+                )));
+            }
+            if len > MAX_CIPHERTEXT {
+                return Err(self.refuse(Refused::new(
+                    AlertDescription::RecordOverflow,
+                    "an oversized TLS record",
+                )));
+            }
+            let Some(body) = rest.get_mut(5..5 + len) else {
+                break;
+            };
+            offset += 5 + len;
+            let Conn::Records(records) = &mut self.conn else {
+                return Err(failed_error());
+            };
+            let (typ, mut payload) = match records.open(body) {
+                Ok(opened) => opened,
+                Err(refused) => return Err(self.refuse(refused)),
+            };
+            let handled = match typ {
+                ContentType::ApplicationData => {
+                    if let Some(out) = out.as_deref_mut() {
+                        let now = payload.len().min(out.remaining());
+                        out.put_slice(&payload[..now]);
+                        payload = &payload[now..];
+                    }
+                    self.plain.extend_from_slice(payload);
+                    Ok(())
+                }
+                ContentType::Alert => records.on_alert(payload).map(|closed| {
+                    if closed {
+                        self.eof = true;
+                    }
+                }),
+                ContentType::Handshake => records.on_handshake(payload, &mut self.outgoing),
+                _ => Err(Refused::new(
+                    AlertDescription::UnexpectedMessage,
+                    "an unexpected TLS record type after the handshake",
+                )),
+            };
+            if let Err(refused) = handled {
+                return Err(self.refuse(refused));
+            }
+        }
+        Ok(offset)
+    }
+
+    /// Ends a connection [`Records`] protects over a refused record: the
+    /// alert is sent once if the socket takes it (the connection is closed
+    /// after), and the error returned.
+    fn refuse(&mut self, refused: Refused) -> io::Error {
+        self.failed = true;
+        if let (Conn::Records(records), Some(alert)) = (&mut self.conn, refused.alert) {
+            let mut record = Vec::new();
+            if records
+                .seal(ContentType::Alert, &[2, u8::from(alert)], &mut record)
+                .is_ok()
+            {
+                self.outgoing.extend_from_slice(&record);
+            }
+        }
+        if !self.outgoing.is_empty() {
+            let _ = self.tcp.try_write(&self.outgoing);
+            self.outgoing = Vec::new();
+        }
+        io::Error::new(io::ErrorKind::InvalidData, refused.why)
     }
 
     /// Hands over plaintext already decrypted; `true` if any was.
@@ -392,6 +563,239 @@ impl TlsStream {
             self.plain_pos = 0;
         }
         true
+    }
+}
+
+/// A TLS 1.3 connection after its handshake: records are protected here,
+/// with the ciphers rustls negotiated, and rustls keeps only what a key
+/// update needs (`KernelConnection`). rustls's connection, with the buffers
+/// it keeps from the handshake, is dropped.
+struct Records {
+    keys: KernelConnection<ServerConnectionData>,
+    aead: &'static dyn Tls13AeadAlgorithm,
+    /// Records one key may protect (the suite's confidentiality limit):
+    /// the key is updated before it is reached.
+    limit: u64,
+    encrypter: Box<dyn MessageEncrypter>,
+    tx_seq: u64,
+    decrypter: Box<dyn MessageDecrypter>,
+    rx_seq: u64,
+    /// Key updates the client may still ask for before it sends data.
+    key_updates_allowed: u8,
+    /// Warning alerts (`user_canceled`) the client may still send.
+    warnings_allowed: u8,
+}
+
+/// A refusal of the client's records: the alert to send and why.
+struct Refused {
+    /// None when the client ended the connection with an alert of its own.
+    alert: Option<AlertDescription>,
+    why: String,
+}
+
+impl Refused {
+    fn new(alert: AlertDescription, why: impl Into<String>) -> Self {
+        Self {
+            alert: Some(alert),
+            why: why.into(),
+        }
+    }
+}
+
+/// Key updates in a row without application data between them; as rustls
+/// (and BoringSSL) allow.
+const KEY_UPDATES_IN_A_ROW: u8 = 32;
+
+/// Warning alerts a connection may receive; as rustls (and BoringSSL).
+const WARNING_ALERTS: u8 = 4;
+
+/// The largest protected record TLS 1.3 allows: 16 KiB of plaintext, its
+/// content type and 255 bytes of padding and tag.
+const MAX_CIPHERTEXT: usize = 16 * 1024 + 256;
+
+/// A `key_update` handshake message not asking for the peer's.
+const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
+
+impl Records {
+    /// Takes over from rustls once its handshake is done (TLS 1.3 only).
+    /// Records to send first (a key update) are appended to `out`.
+    fn new(conn: UnbufferedServerConnection, out: &mut Vec<u8>) -> Result<Self, rustls::Error> {
+        let (secrets, keys) = conn.dangerous_into_kernel_connection()?;
+        let SupportedCipherSuite::Tls13(suite) = keys.negotiated_cipher_suite() else {
+            return Err(rustls::Error::General("not a TLS 1.3 connection".into()));
+        };
+        let (tx_seq, tx) = secrets.tx;
+        let (rx_seq, rx) = secrets.rx;
+        let (key, iv) = key_and_iv(tx)?;
+        let encrypter = suite.aead_alg.encrypter(key, iv);
+        let (key, iv) = key_and_iv(rx)?;
+        let decrypter = suite.aead_alg.decrypter(key, iv);
+        let mut records = Self {
+            keys,
+            aead: suite.aead_alg,
+            limit: suite.common.confidentiality_limit,
+            encrypter,
+            tx_seq,
+            decrypter,
+            rx_seq,
+            key_updates_allowed: KEY_UPDATES_IN_A_ROW,
+            warnings_allowed: WARNING_ALERTS,
+        };
+        // aws-lc's TLS 1.3 AES-GCM refuses a nonce below the first one it
+        // saw, which it takes for sequence number 0; rustls has already
+        // sent records under this key (the session tickets). One record
+        // with a new encrypter is fine: it carries a key update, and the
+        // next key starts at 0.
+        if records.tx_seq != 0 {
+            records.update_tx(out)?;
+        }
+        Ok(records)
+    }
+
+    /// Appends `payload` as one protected record of type `typ` to `out`
+    /// (preceded by a key update when the key has protected its limit).
+    fn seal(
+        &mut self,
+        typ: ContentType,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), rustls::Error> {
+        if self.tx_seq >= self.limit.saturating_sub(1) {
+            self.update_tx(out)?;
+        }
+        self.seal_now(typ, payload, out)
+    }
+
+    fn seal_now(
+        &mut self,
+        typ: ContentType,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), rustls::Error> {
+        let message = OutboundPlainMessage {
+            typ,
+            version: ProtocolVersion::TLSv1_2,
+            payload: OutboundChunks::Single(payload),
+        };
+        let record = self.encrypter.encrypt(message, self.tx_seq)?;
+        self.tx_seq = self
+            .tx_seq
+            .checked_add(1)
+            .ok_or(rustls::Error::EncryptError)?;
+        out.extend_from_slice(&record.encode());
+        Ok(())
+    }
+
+    /// Sends a key update under the current key, then takes the next one.
+    fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), rustls::Error> {
+        self.seal_now(ContentType::Handshake, &KEY_UPDATE_NOT_REQUESTED, out)?;
+        let (seq, secrets) = self.keys.update_tx_secret()?;
+        let (key, iv) = key_and_iv(secrets)?;
+        self.encrypter = self.aead.encrypter(key, iv);
+        self.tx_seq = seq;
+        Ok(())
+    }
+
+    /// Opens the record whose body is `body` (its header checked by the
+    /// caller) in place: its content type and plaintext.
+    fn open<'a>(&mut self, body: &'a mut [u8]) -> Result<(ContentType, &'a [u8]), Refused> {
+        let record =
+            InboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, body);
+        let plain = self
+            .decrypter
+            .decrypt(record, self.rx_seq)
+            .map_err(|e| match e {
+                rustls::Error::DecryptError => Refused::new(
+                    AlertDescription::BadRecordMac,
+                    "a TLS record failed to decrypt",
+                ),
+                rustls::Error::PeerSentOversizedRecord => {
+                    Refused::new(AlertDescription::RecordOverflow, "an oversized TLS record")
+                }
+                e => Refused::new(AlertDescription::UnexpectedMessage, e.to_string()),
+            })?;
+        self.rx_seq = self.rx_seq.checked_add(1).ok_or_else(|| {
+            Refused::new(
+                AlertDescription::InternalError,
+                "the client sent more records than one key may protect",
+            )
+        })?;
+        if plain.typ == ContentType::ApplicationData {
+            self.key_updates_allowed = KEY_UPDATES_IN_A_ROW;
+        }
+        Ok((plain.typ, plain.payload))
+    }
+
+    /// A handshake record after the handshake: only a key update is
+    /// expected, whole and alone in its record (RFC 8446 section 5.1: a
+    /// message before a key change ends its record). The client's next
+    /// records use its next key; if it asks for ours to change too, the
+    /// answer goes to `out` and our key changes after it.
+    fn on_handshake(&mut self, payload: &[u8], out: &mut Vec<u8>) -> Result<(), Refused> {
+        let &[24, 0, 0, 1, request] = payload else {
+            return Err(Refused::new(
+                AlertDescription::UnexpectedMessage,
+                "a handshake message other than a key update after the handshake",
+            ));
+        };
+        if request > 1 {
+            return Err(Refused::new(
+                AlertDescription::IllegalParameter,
+                "an invalid key update",
+            ));
+        }
+        self.key_updates_allowed = self.key_updates_allowed.checked_sub(1).ok_or_else(|| {
+            Refused::new(
+                AlertDescription::UnexpectedMessage,
+                "too many key updates without data",
+            )
+        })?;
+        let internal =
+            |e: rustls::Error| Refused::new(AlertDescription::InternalError, e.to_string());
+        if request == 1 {
+            self.update_tx(out).map_err(internal)?;
+        }
+        let (seq, secrets) = self.keys.update_rx_secret().map_err(internal)?;
+        let (key, iv) = key_and_iv(secrets).map_err(internal)?;
+        self.decrypter = self.aead.decrypter(key, iv);
+        self.rx_seq = seq;
+        Ok(())
+    }
+
+    /// An alert from the client: `Ok(true)` for close_notify, `Ok(false)`
+    /// for a warning to ignore, otherwise the end of the connection.
+    fn on_alert(&mut self, payload: &[u8]) -> Result<bool, Refused> {
+        let &[level, description] = payload else {
+            return Err(Refused::new(
+                AlertDescription::DecodeError,
+                "a malformed TLS alert",
+            ));
+        };
+        match AlertDescription::from(description) {
+            AlertDescription::CloseNotify => Ok(true),
+            // RFC 8446 section 6.1: followed by close_notify.
+            AlertDescription::UserCanceled if level == 1 => {
+                self.warnings_allowed = self.warnings_allowed.checked_sub(1).ok_or_else(|| {
+                    Refused::new(AlertDescription::DecodeError, "too many TLS warning alerts")
+                })?;
+                Ok(false)
+            }
+            other => Err(Refused {
+                alert: None,
+                why: format!("the client sent the TLS alert {other:?}"),
+            }),
+        }
+    }
+}
+
+fn key_and_iv(secrets: ConnectionTrafficSecrets) -> Result<(AeadKey, Iv), rustls::Error> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+        _ => Err(rustls::Error::General(
+            "a cipher suite this server does not protect records for".into(),
+        )),
     }
 }
 
@@ -547,17 +951,105 @@ impl AsyncWrite for TlsStream {
         let this = self.get_mut();
         if !this.close_notify_sent && !this.failed {
             this.close_notify_sent = true;
-            let mut alert = vec![0u8; 64];
-            let queued = this.with_write_traffic(|traffic| {
-                encrypt_into(&mut alert, |out| traffic.queue_close_notify(out))
-            });
-            // A connection that cannot send it (never completed, already
-            // closed) just ends.
-            if let Ok(Ok(n)) = queued {
-                this.outgoing.extend_from_slice(&alert[..n]);
+            if let Conn::Records(records) = &mut this.conn {
+                // Warning level, close_notify.
+                let _ = records.seal(ContentType::Alert, &[1, 0], &mut this.outgoing);
+            } else {
+                let mut alert = vec![0u8; 64];
+                let queued = this.with_write_traffic(|traffic| {
+                    encrypt_into(&mut alert, |out| traffic.queue_close_notify(out))
+                });
+                // A connection that cannot send it (never completed, already
+                // closed) just ends.
+                if let Ok(Ok(n)) = queued {
+                    this.outgoing.extend_from_slice(&alert[..n]);
+                }
             }
         }
         ready!(this.poll_flush_outgoing(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::certs::DevCa;
+    use crate::config::ClientAuth;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, ServerName};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+    /// A server stream and a rustls client of `version` over loopback TCP.
+    async fn pair(version: &'static rustls::SupportedProtocolVersion) -> (TlsStream, Client) {
+        let ca = DevCa::generate("tls_stream test CA", 1).unwrap();
+        let leaf = ca.server_cert(&["localhost".into()], 1).unwrap();
+        let setup =
+            crate::tls::from_pem(&leaf.cert_pem, &leaf.key_pem, ClientAuth::Off, None).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(ca.pem().cert_pem.as_bytes()).unwrap())
+            .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::join!(
+            async {
+                let (tcp, _) = listener.accept().await.unwrap();
+                accept(setup.config.clone(), tcp).await.unwrap().stream
+            },
+            async {
+                let tcp = TcpStream::connect(addr).await.unwrap();
+                let name = ServerName::try_from("localhost").unwrap();
+                connector.connect(name, tcp).await.unwrap()
+            }
+        )
+    }
+
+    #[tokio::test]
+    async fn tls_1_3_records_are_protected_here_and_tls_1_2_stays_with_rustls() {
+        let (server, _client) = pair(&rustls::version::TLS13).await;
+        assert!(matches!(server.conn, Conn::Records(_)));
+        let (server, _client) = pair(&rustls::version::TLS12).await;
+        assert!(matches!(server.conn, Conn::Rustls(_)));
+    }
+
+    #[tokio::test]
+    async fn the_key_is_updated_before_it_protects_its_limit_of_records() {
+        let (mut server, mut client) = pair(&rustls::version::TLS13).await;
+        let Conn::Records(records) = &mut server.conn else {
+            panic!("a TLS 1.3 connection is protected by Records");
+        };
+        // Three records per key instead of AES-GCM's 2^24.
+        records.limit = 3;
+        for i in 0..10u8 {
+            server.write_all(&[i; 100]).await.unwrap();
+        }
+        server.flush().await.unwrap();
+        let mut got = vec![0; 1000];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut got))
+            .await
+            .expect("the client reads within the wait")
+            .expect("every record decrypts under the keys announced");
+        for (i, chunk) in got.chunks(100).enumerate() {
+            assert!(chunk.iter().all(|&b| usize::from(b) == i), "record {i}");
+        }
+        let Conn::Records(records) = &server.conn else {
+            unreachable!();
+        };
+        assert!(records.tx_seq < 3, "sequence {}", records.tx_seq);
+        // The client's records still open.
+        client.write_all(b"still here").await.unwrap();
+        let mut back = [0; 10];
+        server.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"still here");
     }
 }

@@ -1,12 +1,14 @@
 //! The TLS record layer as clients stress it: records that arrive a byte at
 //! a time, messages larger than a record in both directions (TLS 1.3 and
-//! 1.2), key updates, close_notify at the end of a connection, and an
-//! oversized handshake message.
+//! 1.2), key updates, close_notify at the end of a connection, an
+//! oversized handshake message, and records after the handshake that are
+//! forged or not protected at all.
 
 mod common;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -50,6 +52,49 @@ impl AsyncWrite for Trickle {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+/// A TCP stream that, once told to, flips a bit in the last byte of its
+/// next write: the authentication tag of the TLS record it carries.
+struct Tamper {
+    tcp: TcpStream,
+    armed: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Tamper {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tamper {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if buf.is_empty() || !self.armed.swap(false, Ordering::SeqCst) {
+            return Pin::new(&mut self.tcp).poll_write(cx, buf);
+        }
+        let mut forged = buf.to_vec();
+        if let Some(last) = forged.last_mut() {
+            *last ^= 1;
+        }
+        // Small enough for the socket to take at once.
+        Pin::new(&mut self.tcp).poll_write(cx, &forged)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -247,6 +292,70 @@ async fn expect_clean_end(stream: &mut (impl AsyncRead + Unpin), when: &str) {
 fn handshake_record(len: u16) -> [u8; 5] {
     let [hi, lo] = len.to_be_bytes();
     [0x16, 0x03, 0x01, hi, lo]
+}
+
+/// Reads `ws` until the connection ends; the error it ends with.
+async fn end_error<S>(ws: &mut WebSocketStream<S>) -> String
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    loop {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the server ends the connection within the wait")
+        {
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return e.to_string(),
+            None => return "closed without an error".into(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_forged_record_after_the_handshake_is_refused_with_bad_record_mac() {
+    let server = TestServer::start().await;
+    let config = client_tls_config(&server.pki.ca.cert_pem, &[b"http/1.1"], None);
+    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let armed = Arc::new(AtomicBool::new(false));
+    let tamper = Tamper {
+        tcp,
+        armed: armed.clone(),
+    };
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tamper)
+        .await
+        .expect("TLS handshake");
+    assert_eq!(
+        tls.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let req = server.bearer_request(&server.token("forger"));
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tls)
+        .await
+        .expect("upgrade");
+    assert_eq!(next_json(&mut ws).await["type"], "welcome");
+    armed.store(true, Ordering::SeqCst);
+    let ping = json!({"type": "ping"}).to_string();
+    ws.send(Message::Text(ping.into())).await.unwrap();
+    let error = end_error(&mut ws).await;
+    assert!(error.contains("BadRecordMac"), "{error}");
+    // The server goes on serving.
+    let mut client = server.connect(&server.token("after")).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
+
+#[tokio::test]
+async fn an_unprotected_record_after_the_handshake_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.connect(&server.token("plain")).await;
+    // A handshake record in the clear, under the TLS layer.
+    let tcp = client.ws.get_mut().get_mut().0;
+    tcp.write_all(&[0x16, 0x03, 0x03, 0x00, 0x01, 0x00])
+        .await
+        .unwrap();
+    let error = end_error(&mut client.ws).await;
+    assert!(error.contains("UnexpectedMessage"), "{error}");
 }
 
 #[tokio::test]
