@@ -9,6 +9,13 @@
 //! per-thread buffer and sent from it; a connection keeps only what the
 //! kernel did not take. An idle connection holds no buffer at all.
 //!
+//! After a TLS 1.3 handshake even rustls's connection goes: it keeps, for
+//! the life of the connection, buffers and state it needs only to
+//! handshake (about 1.4 KiB). [`Records`] takes over with the keys rustls
+//! negotiated, rustls's own cipher implementations to protect the records,
+//! and rustls's key schedule for key updates. TLS 1.2 connections stay with
+//! rustls.
+//!
 //! Every buffer is bounded: an incomplete record (or handshake flight) by
 //! [`MAX_INCOMING`], plaintext waiting for a reader by one read's worth of
 //! records, unsent records by one write's worth ([`MAX_PLAINTEXT_PER_WRITE`]
