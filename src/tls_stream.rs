@@ -189,7 +189,9 @@ impl TlsStream {
             return if self.eof { Ok(()) } else { Err(e) };
         }
         let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Switching) else {
-            unreachable!("checked above");
+            // Checked above; a connection left switching only fails.
+            self.failed = true;
+            return Err(failed_error());
         };
         match Records::new(*conn, &mut self.outgoing) {
             Ok(records) => {

@@ -2,7 +2,7 @@
 //! a time, messages larger than a record in both directions (TLS 1.3 and
 //! 1.2), key updates, close_notify at the end of a connection, an
 //! oversized handshake message, and records after the handshake that are
-//! forged or not protected at all.
+//! forged, not protected at all, or key updates without end.
 
 mod common;
 
@@ -354,6 +354,22 @@ async fn an_unprotected_record_after_the_handshake_is_refused() {
     tcp.write_all(&[0x16, 0x03, 0x03, 0x00, 0x01, 0x00])
         .await
         .unwrap();
+    let error = end_error(&mut client.ws).await;
+    assert!(error.contains("UnexpectedMessage"), "{error}");
+}
+
+#[tokio::test]
+async fn a_flood_of_key_updates_without_data_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.connect(&server.token("rekeyer")).await;
+    // Each asks the server to update its key too; a client may do so 32
+    // times in a row, then it must send data.
+    for _ in 0..40 {
+        let tls = client.ws.get_mut();
+        if tls.get_mut().1.refresh_traffic_keys().is_err() || tls.flush().await.is_err() {
+            break;
+        }
+    }
     let error = end_error(&mut client.ws).await;
     assert!(error.contains("UnexpectedMessage"), "{error}");
 }
