@@ -117,8 +117,9 @@ impl JoinedRooms {
 /// The state of one session, owned by its reader.
 struct Session {
     id: u64,
-    /// Public session id, as in `welcome`.
-    public_id: String,
+    /// Public session id, as in `welcome` (16 hex digits there; kept as the
+    /// number, so an idle connection holds no string for it).
+    public_id: u64,
     identity: Identity,
     /// The `from` of this user's messages, shared by all of them.
     sender: Arc<Sender>,
@@ -509,7 +510,7 @@ impl Session {
         let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             id,
-            public_id: format!("{:016x}", rand::random::<u64>()),
+            public_id: rand::random::<u64>(),
             sender: Arc::new(Sender {
                 sub: identity.sub.clone(),
                 name: identity.name.clone(),
@@ -543,9 +544,10 @@ impl Session {
 
     fn welcome(&self) {
         let limits = &self.state.config.limits;
+        let session = format!("{:016x}", self.public_id);
         self.outbox.push_text(
             ServerFrame::Welcome {
-                session: &self.public_id,
+                session: &session,
                 user: WelcomeUser {
                     sub: &self.identity.sub,
                     name: &self.identity.name,
