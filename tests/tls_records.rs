@@ -278,6 +278,21 @@ async fn a_websocket_session_ends_with_close_notify() {
     expect_clean_end(&mut rest, "after the server's close").await;
 }
 
+#[tokio::test]
+async fn a_client_close_notify_ends_the_session_cleanly() {
+    let server = TestServer::start().await;
+    let client = server.connect(&server.token("leaver")).await;
+    let mut tls = client.ws.into_inner();
+    // close_notify, then the end of the client's sending side: the server
+    // takes it for the end of the session and ends its own side the same way.
+    tls.shutdown().await.unwrap();
+    expect_clean_end(&mut tls, "after the client's close_notify").await;
+    // The server goes on serving.
+    let mut client = server.connect(&server.token("after")).await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
+
 /// Reads `stream` to its end, which must be a TLS close_notify: rustls
 /// reports a connection cut without one as an error.
 async fn expect_clean_end(stream: &mut (impl AsyncRead + Unpin), when: &str) {
