@@ -542,13 +542,12 @@ impl TlsStream {
     fn refuse(&mut self, refused: Refused) -> io::Error {
         self.failed = true;
         if let (Conn::Records(records), Some(alert)) = (&mut self.conn, refused.alert) {
-            let mut record = Vec::new();
-            if records
-                .seal(ContentType::Alert, &[2, u8::from(alert)], &mut record)
-                .is_ok()
-            {
-                self.outgoing.extend_from_slice(&record);
-            }
+            // Fatal level. A record is appended only once sealed.
+            let _ = records.seal(
+                ContentType::Alert,
+                &[2, u8::from(alert)],
+                &mut self.outgoing,
+            );
         }
         if !self.outgoing.is_empty() {
             let _ = self.tcp.try_write(&self.outgoing);
