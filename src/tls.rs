@@ -237,8 +237,10 @@ fn build(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
     // After a TLS 1.3 handshake the server protects the records itself,
-    // with the keys rustls negotiated (see `tls_stream::Records`).
+    // with the keys rustls negotiated and the traffic secrets caught for
+    // its key updates (see `tls_stream::Records`). Nothing is logged.
     config.enable_secret_extraction = true;
+    config.key_log = Arc::new(crate::tls_stream::CatchSecrets);
     Ok(TlsSetup {
         config: Arc::new(config),
         leaf,

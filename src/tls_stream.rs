@@ -11,10 +11,11 @@
 //!
 //! After a TLS 1.3 handshake even rustls's connection goes: it keeps, for
 //! the life of the connection, buffers and state it needs only to
-//! handshake (about 1.4 KiB). [`Records`] takes over with the keys rustls
-//! negotiated, rustls's own cipher implementations to protect the records,
-//! and rustls's key schedule for key updates. TLS 1.2 connections stay with
-//! rustls.
+//! handshake (about 1.4 KiB), and its key schedule for key updates
+//! (another 0.8 KiB). [`Records`] takes over with the keys rustls
+//! negotiated, aws-lc's AEAD to protect the records, and the two traffic
+//! secrets, caught from rustls during the handshake, to derive the next
+//! keys on a key update. TLS 1.2 connections stay with rustls.
 //!
 //! Every buffer is bounded: an incomplete record (or handshake flight) by
 //! [`MAX_INCOMING`], plaintext waiting for a reader by one read's worth of
@@ -27,11 +28,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use rustls::crypto::cipher::{
-    AeadKey, InboundOpaqueMessage, Iv, MessageDecrypter, MessageEncrypter, OutboundChunks,
-    OutboundPlainMessage, Tls13AeadAlgorithm,
-};
-use rustls::kernel::KernelConnection;
+use aws_lc_rs::aead::{self, LessSafeKey, UnboundKey};
+use rustls::Tls13CipherSuite;
+use rustls::crypto::cipher::{Iv, NONCE_LEN, Nonce, make_tls13_aad};
+use rustls::crypto::tls13::{HkdfExpander, OkmBlock};
 use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
     ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
@@ -43,6 +43,7 @@ use rustls::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use zeroize::{Zeroize, Zeroizing};
 
 /// The largest TLS record on the wire: header, 16 KiB of plaintext and the
 /// most expansion TLS 1.2 allows. One read of this size always completes a
@@ -98,8 +99,9 @@ pub struct TlsStream {
 
 /// Who protects the records.
 enum Conn {
-    /// rustls: the handshake, and TLS 1.2 connections throughout.
-    Rustls(Box<UnbufferedServerConnection>),
+    /// rustls: the handshake, and TLS 1.2 connections throughout; with
+    /// the traffic secrets caught during a TLS 1.3 handshake.
+    Rustls(Box<UnbufferedServerConnection>, Option<Box<Caught>>),
     /// TLS 1.3 after the handshake (see [`Records`]).
     Records(Box<Records>),
     /// Only while one becomes the other.
@@ -132,7 +134,7 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Acc
     let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
     let mut stream = TlsStream {
         tcp,
-        conn: Conn::Rustls(Box::new(conn)),
+        conn: Conn::Rustls(Box::new(conn), None),
         incoming: Vec::new(),
         plain: Vec::new(),
         plain_pos: 0,
@@ -143,7 +145,7 @@ pub async fn accept(config: Arc<ServerConfig>, tcp: TcpStream) -> io::Result<Acc
     };
     std::future::poll_fn(|cx| stream.poll_handshake(cx)).await?;
     let client_subject = match &stream.conn {
-        Conn::Rustls(conn) => crate::tls::client_subject(conn),
+        Conn::Rustls(conn, _) => crate::tls::client_subject(conn),
         _ => None,
     };
     if take_over {
@@ -168,7 +170,7 @@ fn failed_error() -> io::Error {
 
 impl TlsStream {
     fn handshaking(&self) -> bool {
-        matches!(&self.conn, Conn::Rustls(conn) if conn.is_handshaking())
+        matches!(&self.conn, Conn::Rustls(conn, _) if conn.is_handshaking())
     }
 
     /// After the handshake of a TLS 1.3 connection: its records are
@@ -179,7 +181,7 @@ impl TlsStream {
     fn take_over(&mut self) -> io::Result<()> {
         let tls13 = matches!(
             &self.conn,
-            Conn::Rustls(conn) if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
+            Conn::Rustls(conn, _) if conn.protocol_version() == Some(ProtocolVersion::TLSv1_3)
         );
         if !tls13 {
             return Ok(());
@@ -188,12 +190,12 @@ impl TlsStream {
             // A client that closed at once is served by rustls to the end.
             return if self.eof { Ok(()) } else { Err(e) };
         }
-        let Conn::Rustls(conn) = std::mem::replace(&mut self.conn, Conn::Switching) else {
+        let Conn::Rustls(conn, caught) = std::mem::replace(&mut self.conn, Conn::Switching) else {
             // Checked above; a connection left switching only fails.
             self.failed = true;
             return Err(failed_error());
         };
-        match Records::new(*conn, &mut self.outgoing) {
+        match Records::new(*conn, caught.map(|caught| *caught).unwrap_or_default()) {
             Ok(records) => {
                 self.conn = Conn::Records(Box::new(records));
                 Ok(())
@@ -290,13 +292,40 @@ impl TlsStream {
     fn process(
         &mut self,
         data: &mut [u8],
+        out: Option<&mut ReadBuf<'_>>,
+        on_write: Option<&mut OnWrite<'_>>,
+    ) -> io::Result<usize> {
+        match &self.conn {
+            Conn::Records(_) => self.process_records(data, out),
+            Conn::Switching => Err(failed_error()),
+            Conn::Rustls(conn, _) if conn.is_handshaking() => {
+                // The traffic secrets rustls derives in this pass are
+                // caught for the take-over (see `CatchSecrets`).
+                CAUGHT.set(Some(Caught::default()));
+                let processed = self.process_rustls(data, out, on_write);
+                let caught = CAUGHT.take();
+                if let (Conn::Rustls(_, kept), Some(caught)) = (&mut self.conn, caught)
+                    && (caught.client.is_some() || caught.server.is_some())
+                {
+                    let kept = kept.get_or_insert_default();
+                    kept.client = caught.client.or(kept.client.take());
+                    kept.server = caught.server.or(kept.server.take());
+                }
+                processed
+            }
+            Conn::Rustls(..) => self.process_rustls(data, out, on_write),
+        }
+    }
+
+    /// [`TlsStream::process`] while rustls protects the records.
+    fn process_rustls(
+        &mut self,
+        data: &mut [u8],
         mut out: Option<&mut ReadBuf<'_>>,
         mut on_write: Option<&mut OnWrite<'_>>,
     ) -> io::Result<usize> {
-        let conn = match &mut self.conn {
-            Conn::Rustls(conn) => conn,
-            Conn::Records(_) => return self.process_records(data, out),
-            Conn::Switching => return Err(failed_error()),
+        let Conn::Rustls(conn, _) = &mut self.conn else {
+            return Err(failed_error());
         };
         let mut offset = 0;
         loop {
@@ -373,7 +402,7 @@ impl TlsStream {
     /// send it (the connection is closed after). `rest` is the unprocessed
     /// input, the buffer rustls expects.
     fn send_alert(&mut self, rest: &mut [u8]) {
-        let Conn::Rustls(conn) = &mut self.conn else {
+        let Conn::Rustls(conn, _) = &mut self.conn else {
             return;
         };
         loop {
@@ -574,24 +603,105 @@ impl TlsStream {
     }
 }
 
-/// A TLS 1.3 connection after its handshake: records are protected here,
-/// with the ciphers rustls negotiated, and rustls keeps only what a key
-/// update needs (`KernelConnection`). rustls's connection, with the buffers
-/// it keeps from the handshake, is dropped.
+/// A TLS 1.3 connection after its handshake: records are protected here
+/// with aws-lc's AEAD for the negotiated suite, under keys derived from the
+/// application traffic secrets rustls caught for it ([`CatchSecrets`]), so
+/// key updates need nothing of rustls. rustls's connection, with the
+/// buffers and key schedule it keeps from the handshake, is dropped.
 struct Records {
-    keys: KernelConnection<ServerConnectionData>,
-    aead: &'static dyn Tls13AeadAlgorithm,
+    suite: &'static Tls13CipherSuite,
     /// Records one key may protect (the suite's confidentiality limit):
     /// the key is updated before it is reached.
     limit: u64,
-    encrypter: Box<dyn MessageEncrypter>,
-    tx_seq: u64,
-    decrypter: Box<dyn MessageDecrypter>,
-    rx_seq: u64,
+    tx: Direction,
+    rx: Direction,
     /// Key updates the client may still ask for before it sends data.
     key_updates_allowed: u8,
     /// Warning alerts (`user_canceled`) the client may still send.
     warnings_allowed: u8,
+}
+
+/// One direction's protection: its traffic secret (for the next key
+/// update), the key and IV derived from it, and the next record's sequence
+/// number.
+struct Direction {
+    secret: Secret,
+    key: LessSafeKey,
+    iv: Iv,
+    seq: u64,
+}
+
+/// A TLS 1.3 traffic secret (as long as the suite's hash), wiped on drop.
+struct Secret {
+    bytes: [u8; 48],
+    len: u8,
+}
+
+impl Secret {
+    fn new(secret: &[u8]) -> Option<Self> {
+        let mut bytes = [0; 48];
+        bytes.get_mut(..secret.len())?.copy_from_slice(secret);
+        Some(Self {
+            bytes,
+            len: secret.len() as u8,
+        })
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        self.bytes.zeroize();
+    }
+}
+
+/// The application traffic secrets a handshake derived, caught by
+/// [`CatchSecrets`] while rustls processes a client's handshake records.
+#[derive(Default)]
+struct Caught {
+    client: Option<Secret>,
+    server: Option<Secret>,
+}
+
+thread_local! {
+    /// Armed (`Some`) only while this thread runs rustls on a connection
+    /// still handshaking; taken into the connection right after.
+    static CAUGHT: RefCell<Option<Caught>> = const { RefCell::new(None) };
+}
+
+/// rustls's key-log hook, used to catch the two application traffic
+/// secrets of a TLS 1.3 handshake for [`Records`]: rustls derives them
+/// while the connection's handshake records are processed, on the thread
+/// processing them, and hands them to nothing else. They are kept in the
+/// connection's memory only, never written anywhere; every other secret is
+/// declined.
+#[derive(Debug)]
+pub struct CatchSecrets;
+
+const CLIENT_TRAFFIC_SECRET: &str = "CLIENT_TRAFFIC_SECRET_0";
+const SERVER_TRAFFIC_SECRET: &str = "SERVER_TRAFFIC_SECRET_0";
+
+impl rustls::KeyLog for CatchSecrets {
+    fn will_log(&self, label: &str) -> bool {
+        label == CLIENT_TRAFFIC_SECRET || label == SERVER_TRAFFIC_SECRET
+    }
+
+    fn log(&self, label: &str, _client_random: &[u8], secret: &[u8]) {
+        CAUGHT.with_borrow_mut(|caught| {
+            let Some(caught) = caught else {
+                return;
+            };
+            let slot = match label {
+                CLIENT_TRAFFIC_SECRET => &mut caught.client,
+                SERVER_TRAFFIC_SECRET => &mut caught.server,
+                _ => return,
+            };
+            *slot = Secret::new(secret);
+        });
+    }
 }
 
 /// A refusal of the client's records: the alert to send and why.
@@ -617,47 +727,144 @@ const KEY_UPDATES_IN_A_ROW: u8 = 32;
 /// Warning alerts a connection may receive; as rustls (and BoringSSL).
 const WARNING_ALERTS: u8 = 4;
 
+/// The most plaintext a TLS record carries.
+const MAX_PLAINTEXT: usize = 16 * 1024;
+
 /// The largest protected record TLS 1.3 allows: 16 KiB of plaintext, its
 /// content type and 255 bytes of padding and tag.
-const MAX_CIPHERTEXT: usize = 16 * 1024 + 256;
+const MAX_CIPHERTEXT: usize = MAX_PLAINTEXT + 256;
+
+/// The AEAD tag of every TLS 1.3 suite.
+const TAG_LEN: usize = 16;
 
 /// A `key_update` handshake message not asking for the peer's.
 const KEY_UPDATE_NOT_REQUESTED: [u8; 5] = [24, 0, 0, 1, 0];
 
+/// RFC 8446 section 7.1, `HKDF-Expand-Label(secret, label, "", out.len())`
+/// with `expander` made from the secret.
+fn expand_label(expander: &dyn HkdfExpander, label: &[u8], out: &mut [u8]) -> Option<()> {
+    let len = u16::try_from(out.len()).ok()?.to_be_bytes();
+    let label_len = [u8::try_from(b"tls13 ".len() + label.len()).ok()?];
+    let info: [&[u8]; 5] = [&len, &label_len, b"tls13 ", label, &[0]];
+    expander.expand_slice(&info, out).ok()
+}
+
+/// The key (its first `key_len` bytes) and IV of a traffic secret
+/// (RFC 8446 section 7.3).
+struct KeyAndIv {
+    key: Zeroizing<[u8; 32]>,
+    key_len: usize,
+    iv: [u8; NONCE_LEN],
+}
+
+impl KeyAndIv {
+    fn derive(suite: &Tls13CipherSuite, key_len: usize, secret: &Secret) -> Option<Self> {
+        let expander = suite
+            .hkdf_provider
+            .expander_for_okm(&OkmBlock::new(secret.as_bytes()));
+        let mut key = Zeroizing::new([0u8; 32]);
+        expand_label(expander.as_ref(), b"key", key.get_mut(..key_len)?)?;
+        let mut iv = [0; NONCE_LEN];
+        expand_label(expander.as_ref(), b"iv", &mut iv)?;
+        Some(Self { key, key_len, iv })
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.key[..self.key_len]
+    }
+
+    /// Whether these are the key and IV rustls extracted.
+    fn is(&self, secrets: &ConnectionTrafficSecrets) -> bool {
+        match secrets {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+                self.key() == key.as_ref() && self.iv == iv.as_ref()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Direction {
+    /// Protection under `secret`, whose key and IV are `derived`; records
+    /// start at `seq`.
+    fn new(
+        algorithm: &'static aead::Algorithm,
+        secret: Secret,
+        derived: &KeyAndIv,
+        seq: u64,
+    ) -> Option<Self> {
+        let key = LessSafeKey::new(UnboundKey::new(algorithm, derived.key()).ok()?);
+        Some(Self {
+            secret,
+            key,
+            iv: Iv::new(derived.iv),
+            seq,
+        })
+    }
+
+    /// The next traffic secret (RFC 8446 section 7.2) and its protection.
+    fn next(&self, suite: &Tls13CipherSuite) -> Option<Self> {
+        let expander = suite
+            .hkdf_provider
+            .expander_for_okm(&OkmBlock::new(self.secret.as_bytes()));
+        let mut next = Zeroizing::new([0u8; 48]);
+        let next = next.get_mut(..usize::from(self.secret.len))?;
+        expand_label(expander.as_ref(), b"traffic upd", next)?;
+        let secret = Secret::new(next)?;
+        let algorithm = self.key.algorithm();
+        let derived = KeyAndIv::derive(suite, algorithm.key_len(), &secret)?;
+        Self::new(algorithm, secret, &derived, 0)
+    }
+}
+
+/// The aws-lc AEAD of a suite's record protection.
+fn aead_algorithm(secrets: &ConnectionTrafficSecrets) -> Option<&'static aead::Algorithm> {
+    match secrets {
+        ConnectionTrafficSecrets::Aes128Gcm { .. } => Some(&aead::AES_128_GCM),
+        ConnectionTrafficSecrets::Aes256Gcm { .. } => Some(&aead::AES_256_GCM),
+        ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => Some(&aead::CHACHA20_POLY1305),
+        _ => None,
+    }
+}
+
 impl Records {
-    /// Takes over from rustls once its handshake is done (TLS 1.3 only).
-    /// Records to send first (a key update) are appended to `out`.
-    fn new(conn: UnbufferedServerConnection, out: &mut Vec<u8>) -> Result<Self, rustls::Error> {
-        let (secrets, keys) = conn.dangerous_into_kernel_connection()?;
-        let SupportedCipherSuite::Tls13(suite) = keys.negotiated_cipher_suite() else {
-            return Err(rustls::Error::General("not a TLS 1.3 connection".into()));
+    /// Takes over from rustls once its handshake is done (TLS 1.3 only),
+    /// with the traffic secrets `caught` during it. rustls's current keys
+    /// and sequence numbers must be those of the secrets: a connection
+    /// whose keys changed before the take-over (a client key update in the
+    /// handshake's last flight) is refused.
+    fn new(conn: UnbufferedServerConnection, caught: Caught) -> Result<Self, rustls::Error> {
+        let refused = |why: &str| rustls::Error::General(format!("TLS record take-over: {why}"));
+        let (extracted, kernel) = conn.dangerous_into_kernel_connection()?;
+        let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
+            return Err(refused("not a TLS 1.3 connection"));
         };
-        let (tx_seq, tx) = secrets.tx;
-        let (rx_seq, rx) = secrets.rx;
-        let (key, iv) = key_and_iv(tx)?;
-        let encrypter = suite.aead_alg.encrypter(key, iv);
-        let (key, iv) = key_and_iv(rx)?;
-        let decrypter = suite.aead_alg.decrypter(key, iv);
-        let mut records = Self {
-            keys,
-            aead: suite.aead_alg,
+        drop(kernel);
+        let (tx_seq, tx) = extracted.tx;
+        let (rx_seq, rx) = extracted.rx;
+        let algorithm = aead_algorithm(&tx).ok_or_else(|| refused("an unknown cipher"))?;
+        let (Some(server), Some(client)) = (caught.server, caught.client) else {
+            return Err(refused("the traffic secrets were not caught"));
+        };
+        let direction = |secret: Secret, extracted: &ConnectionTrafficSecrets, seq: u64| {
+            let derived = KeyAndIv::derive(suite, algorithm.key_len(), &secret)
+                .ok_or_else(|| refused("a key derivation failed"))?;
+            if !derived.is(extracted) {
+                return Err(refused("the keys changed during the handshake"));
+            }
+            Direction::new(algorithm, secret, &derived, seq)
+                .ok_or_else(|| refused("the cipher could not be set up"))
+        };
+        Ok(Self {
+            suite,
             limit: suite.common.confidentiality_limit,
-            encrypter,
-            tx_seq,
-            decrypter,
-            rx_seq,
+            tx: direction(server, &tx, tx_seq)?,
+            rx: direction(client, &rx, rx_seq)?,
             key_updates_allowed: KEY_UPDATES_IN_A_ROW,
             warnings_allowed: WARNING_ALERTS,
-        };
-        // aws-lc's TLS 1.3 AES-GCM refuses a nonce below the first one it
-        // saw, which it takes for sequence number 0; rustls has already
-        // sent records under this key (the session tickets). One record
-        // with a new encrypter is fine: it carries a key update, and the
-        // next key starts at 0.
-        if records.tx_seq != 0 {
-            records.update_tx(out)?;
-        }
-        Ok(records)
+        })
     }
 
     /// Appends `payload` as one protected record of type `typ` to `out`
@@ -668,70 +875,102 @@ impl Records {
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), rustls::Error> {
-        if self.tx_seq >= self.limit.saturating_sub(1) {
+        if self.tx.seq >= self.limit.saturating_sub(1) {
             self.update_tx(out)?;
         }
         self.seal_now(typ, payload, out)
     }
 
+    /// RFC 8446 section 5.2: the header, then the payload and its content
+    /// type (no padding) encrypted, then the tag.
     fn seal_now(
         &mut self,
         typ: ContentType,
         payload: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), rustls::Error> {
-        let message = OutboundPlainMessage {
-            typ,
-            version: ProtocolVersion::TLSv1_2,
-            payload: OutboundChunks::Single(payload),
+        if payload.len() > MAX_PLAINTEXT {
+            return Err(rustls::Error::EncryptError);
+        }
+        let header = make_tls13_aad(payload.len() + 1 + TAG_LEN);
+        let nonce = Nonce::new(&self.tx.iv, self.tx.seq).0;
+        let start = out.len();
+        out.reserve(header.len() + payload.len() + 1 + TAG_LEN);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(payload);
+        out.push(u8::from(typ));
+        let sealed = self.tx.key.seal_in_place_separate_tag(
+            aead::Nonce::assume_unique_for_key(nonce),
+            aead::Aad::from(header),
+            &mut out[start + header.len()..],
+        );
+        let Ok(tag) = sealed else {
+            out.truncate(start);
+            return Err(rustls::Error::EncryptError);
         };
-        let record = self.encrypter.encrypt(message, self.tx_seq)?;
-        self.tx_seq = self
-            .tx_seq
+        out.extend_from_slice(tag.as_ref());
+        self.tx.seq = self
+            .tx
+            .seq
             .checked_add(1)
             .ok_or(rustls::Error::EncryptError)?;
-        out.extend_from_slice(&record.encode());
         Ok(())
     }
 
     /// Sends a key update under the current key, then takes the next one.
     fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), rustls::Error> {
+        let next = self
+            .tx
+            .next(self.suite)
+            .ok_or(rustls::Error::EncryptError)?;
         self.seal_now(ContentType::Handshake, &KEY_UPDATE_NOT_REQUESTED, out)?;
-        let (seq, secrets) = self.keys.update_tx_secret()?;
-        let (key, iv) = key_and_iv(secrets)?;
-        self.encrypter = self.aead.encrypter(key, iv);
-        self.tx_seq = seq;
+        self.tx = next;
         Ok(())
     }
 
     /// Opens the record whose body is `body` (its header checked by the
-    /// caller) in place: its content type and plaintext.
+    /// caller) in place: its content type and plaintext, without padding.
     fn open<'a>(&mut self, body: &'a mut [u8]) -> Result<(ContentType, &'a [u8]), Refused> {
-        let record =
-            InboundOpaqueMessage::new(ContentType::ApplicationData, ProtocolVersion::TLSv1_2, body);
+        let nonce = Nonce::new(&self.rx.iv, self.rx.seq).0;
+        let aad = make_tls13_aad(body.len());
         let plain = self
-            .decrypter
-            .decrypt(record, self.rx_seq)
-            .map_err(|e| match e {
-                rustls::Error::DecryptError => Refused::new(
+            .rx
+            .key
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key(nonce),
+                aead::Aad::from(aad),
+                body,
+            )
+            .map_err(|_| {
+                Refused::new(
                     AlertDescription::BadRecordMac,
                     "a TLS record failed to decrypt",
-                ),
-                rustls::Error::PeerSentOversizedRecord => {
-                    Refused::new(AlertDescription::RecordOverflow, "an oversized TLS record")
-                }
-                e => Refused::new(AlertDescription::UnexpectedMessage, e.to_string()),
+                )
             })?;
-        self.rx_seq = self.rx_seq.checked_add(1).ok_or_else(|| {
+        self.rx.seq = self.rx.seq.checked_add(1).ok_or_else(|| {
             Refused::new(
                 AlertDescription::InternalError,
                 "the client sent more records than one key may protect",
             )
         })?;
-        if plain.typ == ContentType::ApplicationData {
+        // The content type is the last byte that is not padding.
+        let Some(end) = plain.iter().rposition(|&b| b != 0) else {
+            return Err(Refused::new(
+                AlertDescription::UnexpectedMessage,
+                "a TLS record without a content type",
+            ));
+        };
+        if end > MAX_PLAINTEXT {
+            return Err(Refused::new(
+                AlertDescription::RecordOverflow,
+                "an oversized TLS record",
+            ));
+        }
+        let typ = ContentType::from(plain[end]);
+        if typ == ContentType::ApplicationData {
             self.key_updates_allowed = KEY_UPDATES_IN_A_ROW;
         }
-        Ok((plain.typ, plain.payload))
+        Ok((typ, &plain[..end]))
     }
 
     /// A handshake record after the handshake: only a key update is
@@ -763,10 +1002,12 @@ impl Records {
         if request == 1 {
             self.update_tx(out).map_err(internal)?;
         }
-        let (seq, secrets) = self.keys.update_rx_secret().map_err(internal)?;
-        let (key, iv) = key_and_iv(secrets).map_err(internal)?;
-        self.decrypter = self.aead.decrypter(key, iv);
-        self.rx_seq = seq;
+        self.rx = self.rx.next(self.suite).ok_or_else(|| {
+            Refused::new(
+                AlertDescription::InternalError,
+                "the client's next key could not be derived",
+            )
+        })?;
         Ok(())
     }
 
@@ -793,17 +1034,6 @@ impl Records {
                 why: format!("the client sent the TLS alert {other:?}"),
             }),
         }
-    }
-}
-
-fn key_and_iv(secrets: ConnectionTrafficSecrets) -> Result<(AeadKey, Iv), rustls::Error> {
-    match secrets {
-        ConnectionTrafficSecrets::Aes128Gcm { key, iv }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
-        _ => Err(rustls::Error::General(
-            "a cipher suite this server does not protect records for".into(),
-        )),
     }
 }
 
@@ -993,6 +1223,14 @@ mod tests {
 
     /// A server stream and a rustls client of `version` over loopback TCP.
     async fn pair(version: &'static rustls::SupportedProtocolVersion) -> (TlsStream, Client) {
+        pair_with(version, None).await
+    }
+
+    /// [`pair`], the client offering only `suite` if given.
+    async fn pair_with(
+        version: &'static rustls::SupportedProtocolVersion,
+        suite: Option<rustls::CipherSuite>,
+    ) -> (TlsStream, Client) {
         let ca = DevCa::generate("tls_stream test CA", 1).unwrap();
         let leaf = ca.server_cert(&["localhost".into()], 1).unwrap();
         let setup =
@@ -1001,7 +1239,11 @@ mod tests {
         roots
             .add(CertificateDer::from_pem_slice(ca.pem().cert_pem.as_bytes()).unwrap())
             .unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        let mut provider = (*crate::tls::provider()).clone();
+        if let Some(suite) = suite {
+            provider.cipher_suites.retain(|s| s.suite() == suite);
+        }
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(&[version])
             .unwrap()
             .with_root_certificates(roots)
@@ -1027,7 +1269,7 @@ mod tests {
         let (server, _client) = pair(&rustls::version::TLS13).await;
         assert!(matches!(server.conn, Conn::Records(_)));
         let (server, _client) = pair(&rustls::version::TLS12).await;
-        assert!(matches!(server.conn, Conn::Rustls(_)));
+        assert!(matches!(server.conn, Conn::Rustls(..)));
     }
 
     #[tokio::test]
@@ -1053,11 +1295,56 @@ mod tests {
         let Conn::Records(records) = &server.conn else {
             unreachable!();
         };
-        assert!(records.tx_seq < 3, "sequence {}", records.tx_seq);
+        assert!(records.tx.seq < 3, "sequence {}", records.tx.seq);
         // The client's records still open.
         client.write_all(b"still here").await.unwrap();
         let mut back = [0; 10];
         server.read_exact(&mut back).await.unwrap();
         assert_eq!(&back, b"still here");
+    }
+
+    #[tokio::test]
+    async fn every_tls_1_3_suite_is_protected_here_with_key_updates_both_ways() {
+        use rustls::CipherSuite::*;
+        for suite in [
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let (mut server, mut client) = pair_with(&rustls::version::TLS13, Some(suite)).await;
+            let negotiated = client.get_ref().1.negotiated_cipher_suite().unwrap();
+            assert_eq!(negotiated.suite(), suite);
+            let Conn::Records(records) = &mut server.conn else {
+                panic!("{suite:?}: a TLS 1.3 connection is protected by Records");
+            };
+            // The server updates its own key every two records as well.
+            records.limit = 3;
+            for round in 0..4u8 {
+                // Asks the server to update its key too.
+                client.get_mut().1.refresh_traffic_keys().unwrap();
+                client.write_all(&[round; 50]).await.unwrap();
+                client.flush().await.unwrap();
+                let mut got = [0; 50];
+                tokio::time::timeout(Duration::from_secs(10), server.read_exact(&mut got))
+                    .await
+                    .expect("the server reads within the wait")
+                    .unwrap_or_else(|e| panic!("{suite:?} round {round}: {e}"));
+                assert_eq!(got, [round; 50], "{suite:?} round {round}");
+                server.write_all(&[round + 100; 70]).await.unwrap();
+                server.flush().await.unwrap();
+                let mut back = [0; 70];
+                tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut back))
+                    .await
+                    .expect("the client reads within the wait")
+                    .unwrap_or_else(|e| panic!("{suite:?} round {round}: {e}"));
+                assert_eq!(back, [round + 100; 70], "{suite:?} round {round}");
+            }
+            let Conn::Records(records) = &server.conn else {
+                unreachable!();
+            };
+            // One record under the client's latest key: its updates were
+            // followed (eight records and four updates arrived).
+            assert_eq!(records.rx.seq, 1, "{suite:?}");
+        }
     }
 }
