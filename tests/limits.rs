@@ -266,6 +266,31 @@ async fn clients_that_stop_answering_are_closed_with_4010() {
 }
 
 #[tokio::test]
+async fn the_server_pings_every_interval_and_answered_pings_keep_the_connection() {
+    let server = TestServer::start_with(|c| {
+        c.session.ping_interval_secs = 1;
+        c.session.read_timeout_secs = 2;
+    })
+    .await;
+    let mut client = server.connect(&server.token("answering")).await;
+    // Polling answers every WebSocket ping with a pong, past the read
+    // timeout: only the pongs keep the connection open.
+    let until = tokio::time::Instant::now() + Duration::from_millis(3500);
+    let mut pings = 0;
+    while let Ok(frame) = tokio::time::timeout_at(until, client.ws.next()).await {
+        match frame {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Close(frame))) => panic!("closed after {pings} pings: {frame:?}"),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected after {pings} pings: {other:?}"),
+        }
+    }
+    assert!(pings >= 3, "{pings} pings in 3.5 s at one a second");
+    client.send(json!({"type": "ping", "id": "still"})).await;
+    assert_eq!(client.recv().await["type"], "pong");
+}
+
+#[tokio::test]
 async fn answering_pings_keeps_a_connection_but_not_an_idle_session() {
     let server = TestServer::start_with(|c| {
         c.session.ping_interval_secs = 1;

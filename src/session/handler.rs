@@ -31,8 +31,8 @@ impl Session {
             Ok(frame) => frame,
             Err(e) => {
                 self.refuse(e);
-                self.invalid_frames += 1;
-                if self.invalid_frames >= self.state.config.limits.max_invalid_frames {
+                self.invalid_frames = self.invalid_frames.saturating_add(1);
+                if u32::from(self.invalid_frames) >= self.state.config.limits.max_invalid_frames {
                     return Some(Disconnect::PolicyViolation);
                 }
                 return None;
@@ -80,13 +80,13 @@ impl Session {
             self.strike_window_start = Instant::now();
             self.strikes = 0;
         }
-        self.strikes += 1;
+        self.strikes = self.strikes.saturating_add(1);
         // Once per window, not once per refused frame: a flood must not
         // flood the logs too.
         if self.strikes == 1 {
             info!(event = "rate.limited", "message rate exceeded");
         }
-        (self.strikes > limits.rate_strikes).then_some(Disconnect::RateLimited)
+        (u32::from(self.strikes) > limits.rate_strikes).then_some(Disconnect::RateLimited)
     }
 
     fn reply(&self, frame: ServerFrame<'_>) {

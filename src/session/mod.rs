@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use futures_util::future::OptionFuture;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use hyper::upgrade::{OnUpgrade, Upgraded};
@@ -117,19 +118,20 @@ impl JoinedRooms {
 /// The state of one session, owned by its reader.
 struct Session {
     id: u64,
-    /// Public session id, as in `welcome` (16 hex digits there; kept as the
-    /// number, so an idle connection holds no string for it).
-    public_id: u64,
     identity: Identity,
     /// The `from` of this user's messages, shared by all of them.
     sender: Arc<Sender>,
     outbox: Outbox,
     joined: JoinedRooms,
     limiter: DefaultDirectRateLimiter,
-    /// Rate-limit violations in the current window.
-    strikes: u32,
+    /// Rate-limit violations in the current window. The session ends once
+    /// this passes `limits.rate_strikes` (at most 10,000), so 16 bits hold
+    /// it: the session state fits a smaller allocation.
+    strikes: u16,
     strike_window_start: Instant,
-    invalid_frames: u32,
+    /// Frames refused as invalid; the session ends at
+    /// `limits.max_invalid_frames` (at most 10,000).
+    invalid_frames: u16,
     /// `session_expiring` was sent for the current token.
     expiry_warned: bool,
     /// This user's connection slot and shared message-rate bucket.
@@ -138,6 +140,11 @@ struct Session {
     last_received: Instant,
     /// When a frame other than a ping last arrived.
     last_active: Instant,
+    /// When the session began; WebSocket pings are due every
+    /// `session.ping_interval_secs` from then.
+    started: Instant,
+    /// Pings sent so far.
+    pings: u32,
     /// Set by the reader when a message came in too many fragments.
     too_fragmented: Arc<AtomicBool>,
     state: Arc<AppState>,
@@ -164,23 +171,24 @@ pub struct SessionHold {
 /// session to its end. Never panics on peer data.
 ///
 /// The task lives as long as the connection, so its size is memory every
-/// idle connection pays. An async fn keeps its arguments for its whole life,
-/// so it takes only the upgrade and one pointer; the setup is synchronous;
-/// and the one long-running future ([`Connection::drive`]) holds each piece
-/// of state once, borrowing it in place rather than moving it between
-/// futures.
-pub async fn run(on_upgrade: OnUpgrade, start: Box<Start>) {
-    let upgraded = match on_upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e);
-            return;
-        }
-    };
-    let Some(session) = open(TokioIo::new(upgraded), start) else {
-        return;
-    };
-    session.await
+/// idle connection pays. Built from combinators rather than as an async
+/// fn, which would keep its arguments (the upgrade and the start) beside
+/// the running session for its whole life: here the waiting and the
+/// running state share their space, and the task fits a smaller
+/// allocation. The setup is synchronous, and the one long-running future
+/// ([`Connection::drive`]) holds each piece of state once, borrowing it in
+/// place rather than moving it between futures.
+pub fn run(on_upgrade: OnUpgrade, start: Box<Start>) -> impl Future<Output = ()> {
+    on_upgrade
+        .map(move |upgraded| match upgraded {
+            Ok(upgraded) => open(TokioIo::new(upgraded), start),
+            Err(e) => {
+                debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e);
+                None
+            }
+        })
+        .then(OptionFuture::from)
+        .map(drop)
 }
 
 /// Sets the session up on the upgraded connection; the future that runs it.
@@ -206,7 +214,6 @@ struct Connection {
     session: Session,
     stream: Ws,
     writer: tokio::task::JoinHandle<()>,
-    started: Instant,
     _hold: SessionHold,
 }
 
@@ -251,7 +258,6 @@ impl Connection {
             session,
             stream,
             writer,
-            started: Instant::now(),
             _hold: hold,
         })
     }
@@ -292,7 +298,7 @@ impl Connection {
             event = "conn.close",
             reason = reason.reason(),
             code = reason.code(),
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = self.session.started.elapsed().as_millis() as u64,
             "connection closed"
         );
     }
@@ -313,7 +319,7 @@ const QUIET_BATCH: usize = 2;
 
 /// Writes what the outbox holds, everything queued in one batch (after a
 /// batch of `coalesce_frames` or more, no sooner than `coalesce` after it
-/// began), and a ping every `ping_every`, until a close is requested; then
+/// began), until a close is requested; then
 /// writes what is still queued (unless the client is the slow one) and the
 /// close frame, within `close_timeout`.
 #[allow(clippy::manual_async_fn)] // see the comment in the body
@@ -326,15 +332,8 @@ fn write_loop<W: AsyncWrite + Unpin>(
     // arguments into locals and keeps both for its whole life; a block uses
     // what it captures in place. Every idle connection holds this future.
     async move {
-        let WriterTiming {
-            close_timeout,
-            ping_every,
-            coalesce,
-            coalesce_frames,
-        } = timing;
+        // Fields read in place, not moved into locals (held twice).
         let closer = rx.closer();
-        let ping = tokio::time::sleep(ping_every);
-        tokio::pin!(ping);
         let mut batch = Batch::new();
         // Looked up once: a registry lookup per batch shows on the hot path.
         let bytes_out = metrics::counter!("securechat_bytes_out_total");
@@ -344,29 +343,17 @@ fn write_loop<W: AsyncWrite + Unpin>(
             if let Some(reason) = rx.close_reason() {
                 // Boxed, like the slow path below: run once, kept out of the
                 // idle writer's size.
-                let finish = tokio::time::timeout(close_timeout, finish(&mut io, &mut rx, reason));
+                let finish =
+                    tokio::time::timeout(timing.close_timeout, finish(&mut io, &mut rx, reason));
                 let _ = Box::pin(finish).await;
                 return;
             }
             let bytes = rx.take(&mut batch, std::mem::take(&mut written));
             if bytes == 0 {
-                tokio::select! {
-                    biased;
-                    () = rx.ready() => continue,
-                    () = &mut ping => {
-                        // Nothing to send for a ping interval: idle.
-                        batch = Batch::new();
-                        rx.release_spare();
-                    }
-                }
+                rx.ready().await;
+                continue;
             }
-            // A client that is sent something all the time still gets its
-            // pings. `now` is also when this write begins.
-            let now = tokio::time::Instant::now();
-            if ping.deadline() <= now {
-                batch.push(Outgoing::Framed(transport::ping_frame()));
-                ping.as_mut().reset(now + ping_every);
-            }
+            let began = tokio::time::Instant::now();
             let delivered = batch
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
@@ -387,7 +374,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                         &batch,
                         sent,
                         &closer,
-                        close_timeout,
+                        timing.close_timeout,
                     ))
                     .await
                 }
@@ -397,6 +384,11 @@ fn write_loop<W: AsyncWrite + Unpin>(
             }
             written = bytes;
             let count = batch.len();
+            // A ping (or pong) alone: nothing else was queued, the
+            // connection is quiet. The queue gives back a burst's buffer.
+            if count == 1 && matches!(batch[0], Outgoing::Framed(_)) {
+                rx.release_spare();
+            }
             batch.clear();
             if batch.spilled() && (count <= QUIET_BATCH || batch.capacity() > SPARE_BATCH) {
                 batch = Batch::new();
@@ -410,14 +402,14 @@ fn write_loop<W: AsyncWrite + Unpin>(
             // at once would mean one small write per message, each costing
             // the kernel about as much as a large one; waiting lets the next
             // write carry many.
-            if !coalesce.is_zero() && count >= coalesce_frames {
+            if !timing.coalesce.is_zero() && count >= timing.coalesce_frames {
                 // Looked up here, not held by every idle writer: a busy
                 // connection gets here at most once per `coalesce`. Boxed for
                 // the same reason. The batch just written stops counting
                 // against the queue's byte bound now.
                 metrics::counter!("securechat_write_holds_total").increment(1);
                 let settled = std::mem::take(&mut written);
-                Box::pin(rx.hold(now + coalesce, settled)).await;
+                Box::pin(rx.hold(began + timing.coalesce, settled)).await;
             }
         }
     }
@@ -427,7 +419,6 @@ fn write_loop<W: AsyncWrite + Unpin>(
 #[derive(Clone, Copy)]
 struct WriterTiming {
     close_timeout: Duration,
-    ping_every: Duration,
     /// See `session.write_coalesce_ms`: zero when off.
     coalesce: Duration,
     coalesce_frames: usize,
@@ -437,7 +428,6 @@ impl WriterTiming {
     fn new(session: &crate::config::SessionConfig) -> Self {
         Self {
             close_timeout: Duration::from_millis(session.close_timeout_ms),
-            ping_every: Duration::from_secs(session.ping_interval_secs),
             coalesce: Duration::from_millis(session.write_coalesce_ms),
             coalesce_frames: session.write_coalesce_frames,
         }
@@ -510,7 +500,6 @@ impl Session {
         let burst = NonZeroU32::new(limits.burst).unwrap_or(NonZeroU32::MIN);
         Self {
             id,
-            public_id: rand::random::<u64>(),
             sender: Arc::new(Sender {
                 sub: identity.sub.clone(),
                 name: identity.name.clone(),
@@ -529,6 +518,8 @@ impl Session {
             user,
             last_received: Instant::now(),
             last_active: Instant::now(),
+            started: Instant::now(),
+            pings: 0,
             too_fragmented: Arc::default(),
             state,
         }
@@ -544,7 +535,8 @@ impl Session {
 
     fn welcome(&self) {
         let limits = &self.state.config.limits;
-        let session = format!("{:016x}", self.public_id);
+        // Random: says nothing about the server's internal session ids.
+        let session = format!("{:016x}", rand::random::<u64>());
         self.outbox.push_text(
             ServerFrame::Welcome {
                 session: &session,
@@ -644,8 +636,8 @@ impl Session {
         }
     }
 
-    /// When the next timer is due: the token's expiry warning or expiry,
-    /// the read timeout, or the idle timeout.
+    /// When the next timer is due: a ping, the token's expiry warning or
+    /// expiry, the read timeout, or the idle timeout.
     fn next_timer(&self) -> tokio::time::Instant {
         let config = &self.state.config;
         let leeway = config.auth.leeway_secs as i64;
@@ -660,10 +652,27 @@ impl Session {
         let token_due = Instant::now() + token_wait.min(Duration::from_secs(86_400));
         let read_due = self.last_received + Duration::from_secs(config.session.read_timeout_secs);
         let idle_due = self.last_active + Duration::from_secs(config.session.idle_timeout_secs);
-        tokio::time::Instant::from_std(token_due.min(read_due).min(idle_due))
+        let ping_due = self.next_ping();
+        tokio::time::Instant::from_std(token_due.min(read_due).min(idle_due).min(ping_due))
+    }
+
+    /// When the next ping is due.
+    fn next_ping(&self) -> Instant {
+        let every = Duration::from_secs(self.state.config.session.ping_interval_secs);
+        self.started + every.saturating_mul(self.pings.saturating_add(1))
     }
 
     fn on_timer(&mut self) -> Option<Disconnect> {
+        let now = Instant::now();
+        if self.next_ping() <= now {
+            // Queued like any frame: a client that is sent something all
+            // the time still gets its pings. Missed ones (a stalled task)
+            // are not made up for.
+            self.outbox.push_framed(transport::ping_frame());
+            let every = self.state.config.session.ping_interval_secs.max(1);
+            let due = now.duration_since(self.started).as_secs() / every;
+            self.pings = u32::try_from(due).unwrap_or(u32::MAX);
+        }
         let session = &self.state.config.session;
         if self.last_received.elapsed() >= Duration::from_secs(session.read_timeout_secs) {
             info!(
