@@ -508,6 +508,8 @@ impl TlsStream {
         mut out: Option<&mut ReadBuf<'_>>,
     ) -> io::Result<usize> {
         let mut offset = 0;
+        // The receiving cipher, for this pass only (see `Records::rx`).
+        let mut opener = None;
         while !self.eof {
             let rest = &mut data[offset..];
             let Some(&[typ, major, _, high, low]) = rest.get(..5) else {
@@ -533,7 +535,7 @@ impl TlsStream {
             let Conn::Records(records) = &mut self.conn else {
                 return Err(failed_error());
             };
-            let (typ, mut payload) = match records.open(body) {
+            let (typ, mut payload) = match records.open(body, &mut opener) {
                 Ok(opened) => opened,
                 Err(refused) => return Err(self.refuse(refused)),
             };
@@ -552,7 +554,11 @@ impl TlsStream {
                         self.eof = true;
                     }
                 }),
-                ContentType::Handshake => records.on_handshake(payload, &mut self.outgoing),
+                ContentType::Handshake => {
+                    // A key update: the next record opens under a new key.
+                    opener = None;
+                    records.on_handshake(payload, &mut self.outgoing)
+                }
                 _ => Err(Refused::new(
                     AlertDescription::UnexpectedMessage,
                     "an unexpected TLS record type after the handshake",
@@ -610,11 +616,17 @@ impl TlsStream {
 /// buffers and key schedule it keeps from the handshake, is dropped.
 struct Records {
     suite: &'static Tls13CipherSuite,
+    algorithm: &'static aead::Algorithm,
     /// Records one key may protect (the suite's confidentiality limit):
     /// the key is updated before it is reached.
     limit: u64,
-    tx: Direction,
-    rx: Direction,
+    tx: Direction<LessSafeKey>,
+    /// The receiving key is kept as its bytes, and the cipher set up for
+    /// each pass over received records ([`TlsStream::process_records`]):
+    /// aws-lc's cipher state is 640 bytes of the heap, more than anything
+    /// else an idle connection holds, and clients send rarely. Setting it
+    /// up costs about as much as opening a few small records.
+    rx: Direction<KeyBytes>,
     /// Key updates the client may still ask for before it sends data.
     key_updates_allowed: u8,
     /// Warning alerts (`user_canceled`) the client may still send.
@@ -622,13 +634,43 @@ struct Records {
 }
 
 /// One direction's protection: its traffic secret (for the next key
-/// update), the key and IV derived from it, and the next record's sequence
-/// number.
-struct Direction {
+/// update), the key (as a cipher, or as its bytes) and IV derived from it,
+/// and the next record's sequence number.
+struct Direction<K> {
     secret: Secret,
-    key: LessSafeKey,
+    key: K,
     iv: Iv,
     seq: u64,
+}
+
+/// A key as its bytes (the first `algorithm.key_len()`), wiped on drop.
+struct KeyBytes(Zeroizing<[u8; 32]>);
+
+/// How a [`Direction`] keeps its key.
+trait KeyForm: Sized {
+    fn new(algorithm: &'static aead::Algorithm, key: &[u8]) -> Option<Self>;
+}
+
+impl KeyForm for LessSafeKey {
+    fn new(algorithm: &'static aead::Algorithm, key: &[u8]) -> Option<Self> {
+        Some(LessSafeKey::new(UnboundKey::new(algorithm, key).ok()?))
+    }
+}
+
+impl KeyForm for KeyBytes {
+    fn new(_: &'static aead::Algorithm, key: &[u8]) -> Option<Self> {
+        let mut bytes = Zeroizing::new([0; 32]);
+        bytes.get_mut(..key.len())?.copy_from_slice(key);
+        Some(Self(bytes))
+    }
+}
+
+impl KeyBytes {
+    /// The cipher of this key.
+    fn cipher(&self, algorithm: &'static aead::Algorithm) -> Option<LessSafeKey> {
+        let key = self.0.get(..algorithm.key_len())?;
+        <LessSafeKey as KeyForm>::new(algorithm, key)
+    }
 }
 
 /// A TLS 1.3 traffic secret (as long as the suite's hash), wiped on drop.
@@ -786,7 +828,7 @@ impl KeyAndIv {
     }
 }
 
-impl Direction {
+impl<K: KeyForm> Direction<K> {
     /// Protection under `secret`, whose key and IV are `derived`; records
     /// start at `seq`.
     fn new(
@@ -795,7 +837,7 @@ impl Direction {
         derived: &KeyAndIv,
         seq: u64,
     ) -> Option<Self> {
-        let key = LessSafeKey::new(UnboundKey::new(algorithm, derived.key()).ok()?);
+        let key = K::new(algorithm, derived.key())?;
         Some(Self {
             secret,
             key,
@@ -805,7 +847,7 @@ impl Direction {
     }
 
     /// The next traffic secret (RFC 8446 section 7.2) and its protection.
-    fn next(&self, suite: &Tls13CipherSuite) -> Option<Self> {
+    fn next(&self, suite: &Tls13CipherSuite, algorithm: &'static aead::Algorithm) -> Option<Self> {
         let expander = suite
             .hkdf_provider
             .expander_for_okm(&OkmBlock::new(self.secret.as_bytes()));
@@ -813,7 +855,6 @@ impl Direction {
         let next = next.get_mut(..usize::from(self.secret.len))?;
         expand_label(expander.as_ref(), b"traffic upd", next)?;
         let secret = Secret::new(next)?;
-        let algorithm = self.key.algorithm();
         let derived = KeyAndIv::derive(suite, algorithm.key_len(), &secret)?;
         Self::new(algorithm, secret, &derived, 0)
     }
@@ -848,20 +889,26 @@ impl Records {
         let (Some(server), Some(client)) = (caught.server, caught.client) else {
             return Err(refused("the traffic secrets were not caught"));
         };
-        let direction = |secret: Secret, extracted: &ConnectionTrafficSecrets, seq: u64| {
+        fn direction<K: KeyForm>(
+            suite: &Tls13CipherSuite,
+            algorithm: &'static aead::Algorithm,
+            secret: Secret,
+            extracted: &ConnectionTrafficSecrets,
+            seq: u64,
+        ) -> Result<Direction<K>, &'static str> {
             let derived = KeyAndIv::derive(suite, algorithm.key_len(), &secret)
-                .ok_or_else(|| refused("a key derivation failed"))?;
+                .ok_or("a key derivation failed")?;
             if !derived.is(extracted) {
-                return Err(refused("the keys changed during the handshake"));
+                return Err("the keys changed during the handshake");
             }
-            Direction::new(algorithm, secret, &derived, seq)
-                .ok_or_else(|| refused("the cipher could not be set up"))
-        };
+            Direction::new(algorithm, secret, &derived, seq).ok_or("the cipher could not be set up")
+        }
         Ok(Self {
             suite,
+            algorithm,
             limit: suite.common.confidentiality_limit,
-            tx: direction(server, &tx, tx_seq)?,
-            rx: direction(client, &rx, rx_seq)?,
+            tx: direction(suite, algorithm, server, &tx, tx_seq).map_err(refused)?,
+            rx: direction(suite, algorithm, client, &rx, rx_seq).map_err(refused)?,
             key_updates_allowed: KEY_UPDATES_IN_A_ROW,
             warnings_allowed: WARNING_ALERTS,
         })
@@ -921,7 +968,7 @@ impl Records {
     fn update_tx(&mut self, out: &mut Vec<u8>) -> Result<(), rustls::Error> {
         let next = self
             .tx
-            .next(self.suite)
+            .next(self.suite, self.algorithm)
             .ok_or(rustls::Error::EncryptError)?;
         self.seal_now(ContentType::Handshake, &KEY_UPDATE_NOT_REQUESTED, out)?;
         self.tx = next;
@@ -930,12 +977,24 @@ impl Records {
 
     /// Opens the record whose body is `body` (its header checked by the
     /// caller) in place: its content type and plaintext, without padding.
-    fn open<'a>(&mut self, body: &'a mut [u8]) -> Result<(ContentType, &'a [u8]), Refused> {
+    /// `opener` is the receiving key's cipher, set up here if it is not yet.
+    fn open<'a>(
+        &mut self,
+        body: &'a mut [u8],
+        opener: &mut Option<LessSafeKey>,
+    ) -> Result<(ContentType, &'a [u8]), Refused> {
+        let key = match opener {
+            Some(key) => key,
+            None => opener.insert(self.rx.key.cipher(self.algorithm).ok_or_else(|| {
+                Refused::new(
+                    AlertDescription::InternalError,
+                    "the receiving cipher could not be set up",
+                )
+            })?),
+        };
         let nonce = Nonce::new(&self.rx.iv, self.rx.seq).0;
         let aad = make_tls13_aad(body.len());
-        let plain = self
-            .rx
-            .key
+        let plain = key
             .open_in_place(
                 aead::Nonce::assume_unique_for_key(nonce),
                 aead::Aad::from(aad),
@@ -1002,7 +1061,7 @@ impl Records {
         if request == 1 {
             self.update_tx(out).map_err(internal)?;
         }
-        self.rx = self.rx.next(self.suite).ok_or_else(|| {
+        self.rx = self.rx.next(self.suite, self.algorithm).ok_or_else(|| {
             Refused::new(
                 AlertDescription::InternalError,
                 "the client's next key could not be derived",
