@@ -195,7 +195,8 @@ impl TlsStream {
             self.failed = true;
             return Err(failed_error());
         };
-        match Records::new(*conn, caught.map(|caught| *caught).unwrap_or_default()) {
+        let mut caught = caught.unwrap_or_default();
+        match Records::new(*conn, &mut caught) {
             Ok(records) => {
                 self.conn = Conn::Records(Box::new(records));
                 Ok(())
@@ -301,15 +302,25 @@ impl TlsStream {
             Conn::Rustls(conn, _) if conn.is_handshaking() => {
                 // The traffic secrets rustls derives in this pass are
                 // caught for the take-over (see `CatchSecrets`).
-                CAUGHT.set(Some(Caught::default()));
+                CAUGHT.set(Some(Box::default()));
                 let processed = self.process_rustls(data, out, on_write);
                 let caught = CAUGHT.take();
-                if let (Conn::Rustls(_, kept), Some(caught)) = (&mut self.conn, caught)
-                    && (caught.client.is_some() || caught.server.is_some())
-                {
-                    let kept = kept.get_or_insert_default();
-                    kept.client = caught.client.or(kept.client.take());
-                    kept.server = caught.server.or(kept.server.take());
+                if let (Conn::Rustls(_, kept), Some(mut caught)) = (&mut self.conn, caught) {
+                    match kept {
+                        // Both arrive in one pass: the box itself is kept.
+                        None if caught.client.is_some() || caught.server.is_some() => {
+                            *kept = Some(caught);
+                        }
+                        None => {}
+                        Some(kept) => {
+                            if caught.client.is_some() {
+                                kept.client = Secret::take(&mut caught.client);
+                            }
+                            if caught.server.is_some() {
+                                kept.server = Secret::take(&mut caught.server);
+                            }
+                        }
+                    }
                 }
                 processed
             }
@@ -692,6 +703,16 @@ impl Secret {
     fn as_bytes(&self) -> &[u8] {
         &self.bytes[..usize::from(self.len)]
     }
+
+    /// A copy of the secret in `slot`, which is emptied and wiped (moving
+    /// it out would leave its bytes behind).
+    fn take(slot: &mut Option<Self>) -> Option<Self> {
+        let copy = slot
+            .as_ref()
+            .and_then(|secret| Self::new(secret.as_bytes()));
+        *slot = None;
+        copy
+    }
 }
 
 impl Drop for Secret {
@@ -711,7 +732,9 @@ struct Caught {
 thread_local! {
     /// Armed (`Some`) only while this thread runs rustls on a connection
     /// still handshaking; taken into the connection right after.
-    static CAUGHT: RefCell<Option<Caught>> = const { RefCell::new(None) };
+    /// Boxed, so that the secrets stay where they were caught until they
+    /// are copied into [`Records`] and wiped.
+    static CAUGHT: RefCell<Option<Box<Caught>>> = const { RefCell::new(None) };
 }
 
 /// rustls's key-log hook, used to catch the two application traffic
@@ -872,11 +895,11 @@ fn aead_algorithm(secrets: &ConnectionTrafficSecrets) -> Option<&'static aead::A
 
 impl Records {
     /// Takes over from rustls once its handshake is done (TLS 1.3 only),
-    /// with the traffic secrets `caught` during it. rustls's current keys
-    /// and sequence numbers must be those of the secrets: a connection
-    /// whose keys changed before the take-over (a client key update in the
-    /// handshake's last flight) is refused.
-    fn new(conn: UnbufferedServerConnection, caught: Caught) -> Result<Self, rustls::Error> {
+    /// with the traffic secrets `caught` during it (taken from it and wiped
+    /// there). rustls's current keys and sequence numbers must be those of
+    /// the secrets: a connection whose keys changed before the take-over (a
+    /// client key update in the handshake's last flight) is refused.
+    fn new(conn: UnbufferedServerConnection, caught: &mut Caught) -> Result<Self, rustls::Error> {
         let refused = |why: &str| rustls::Error::General(format!("TLS record take-over: {why}"));
         let (extracted, kernel) = conn.dangerous_into_kernel_connection()?;
         let SupportedCipherSuite::Tls13(suite) = kernel.negotiated_cipher_suite() else {
@@ -886,7 +909,9 @@ impl Records {
         let (tx_seq, tx) = extracted.tx;
         let (rx_seq, rx) = extracted.rx;
         let algorithm = aead_algorithm(&tx).ok_or_else(|| refused("an unknown cipher"))?;
-        let (Some(server), Some(client)) = (caught.server, caught.client) else {
+        let server = Secret::take(&mut caught.server);
+        let client = Secret::take(&mut caught.client);
+        let (Some(server), Some(client)) = (server, client) else {
             return Err(refused("the traffic secrets were not caught"));
         };
         fn direction<K: KeyForm>(
