@@ -332,7 +332,8 @@ fn write_loop<W: AsyncWrite + Unpin>(
     // arguments into locals and keeps both for its whole life; a block uses
     // what it captures in place. Every idle connection holds this future.
     async move {
-        // Fields read in place, not moved into locals (held twice).
+        // `timing`'s fields are read in place, not moved into locals (which
+        // would hold them twice).
         let closer = rx.closer();
         let mut batch = Batch::new();
         // Looked up once: a registry lookup per batch shows on the hot path.
@@ -353,7 +354,15 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 rx.ready().await;
                 continue;
             }
-            let began = tokio::time::Instant::now();
+            let count = batch.len();
+            // A batch this large means messages queue up faster than they are
+            // written: the server or this connection is busy. Writing again
+            // at once would mean one small write per message, each costing
+            // the kernel about as much as a large one; waiting from when this
+            // write begins lets the next write carry many. The clock is read
+            // only then, not on every write.
+            let hold_from = (!timing.coalesce.is_zero() && count >= timing.coalesce_frames)
+                .then(tokio::time::Instant::now);
             let delivered = batch
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
@@ -383,7 +392,6 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 return;
             }
             written = bytes;
-            let count = batch.len();
             // A ping (or pong) alone: nothing else was queued, the
             // connection is quiet. The queue gives back a burst's buffer.
             if count == 1 && matches!(batch[0], Outgoing::Framed(_)) {
@@ -397,12 +405,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 bytes_out.increment(bytes as u64);
                 delivered_total.increment(delivered as u64);
             }
-            // A batch this large means messages queue up faster than they are
-            // written: the server or this connection is busy. Writing again
-            // at once would mean one small write per message, each costing
-            // the kernel about as much as a large one; waiting lets the next
-            // write carry many.
-            if !timing.coalesce.is_zero() && count >= timing.coalesce_frames {
+            if let Some(began) = hold_from {
                 // Looked up here, not held by every idle writer: a busy
                 // connection gets here at most once per `coalesce`. Boxed for
                 // the same reason. The batch just written stops counting
