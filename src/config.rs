@@ -374,6 +374,9 @@ pub struct SessionConfig {
     pub write_coalesce_ms: u64,
     /// The batch size that tells a writer its connection is busy.
     pub write_coalesce_frames: usize,
+    /// Holds begin only once the process uses at least this share of its
+    /// workers' CPU time, and end below a third of it (0: whatever the load).
+    pub write_coalesce_busy_percent: u8,
 }
 
 impl Default for SessionConfig {
@@ -386,6 +389,7 @@ impl Default for SessionConfig {
             idle_timeout_secs: 3600,
             write_coalesce_ms: 20,
             write_coalesce_frames: 8,
+            write_coalesce_busy_percent: 95,
         }
     }
 }
@@ -956,6 +960,12 @@ impl Config {
             return Err(self.invalid(
                 "session.write_coalesce_frames",
                 "must be between 2 and 4096",
+            ));
+        }
+        if s.write_coalesce_busy_percent > 100 {
+            return Err(self.invalid(
+                "session.write_coalesce_busy_percent",
+                "must be between 0 (whatever the load) and 100",
             ));
         }
         let b = &self.bans;

@@ -88,6 +88,10 @@ fn describe() {
         "securechat_write_holds_total",
         "Writes to busy connections held back to coalesce the next ones (session.write_coalesce_ms)."
     );
+    describe_gauge!(
+        "securechat_write_coalescing",
+        "1 while the node is busy enough for writes to busy connections to be held back (session.write_coalesce_busy_percent), else 0."
+    );
     describe_counter!(
         "securechat_rate_limited_total",
         "Frames refused for exceeding a message rate."
@@ -136,6 +140,10 @@ fn sample(state: &AppState) {
     metrics::gauge!("securechat_rooms").set(state.hub.room_count() as f64);
     metrics::gauge!("securechat_room_members").set(state.hub.member_count() as f64);
     metrics::gauge!("securechat_bans_active").set(state.addresses.active_bans() as f64);
+    // A scrape samples the load too: with no busy connection left to ask,
+    // the gauge would keep showing the last busy spell.
+    let engaged = state.load.holds(tokio::time::Instant::now());
+    metrics::gauge!("securechat_write_coalescing").set(if engaged { 1.0 } else { 0.0 });
 }
 
 /// Serves `/metrics` on `listener` until the node shuts down.

@@ -40,6 +40,8 @@ pub struct AppState {
     pub users: Arc<Users>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Whether the node is busy enough for write coalescing.
+    pub load: Arc<crate::session::load::NodeLoad>,
     next_session: AtomicU64,
 }
 
@@ -70,6 +72,9 @@ impl AppState {
                 .iter()
                 .filter_map(|n| crate::config::parse_net(n).ok())
                 .collect(),
+            load: Arc::new(crate::session::load::NodeLoad::new(
+                config.session.write_coalesce_busy_percent,
+            )),
             next_session: AtomicU64::new(1),
             config,
         }

@@ -38,6 +38,8 @@ async fn metrics_describe_the_node_on_their_own_listener() {
     // which holds her writer back (`securechat_write_holds_total`).
     let server = TestServer::start_with(|c| {
         c.session.write_coalesce_frames = 2;
+        // Whatever the load: a test server is never busy.
+        c.session.write_coalesce_busy_percent = 0;
         c.session.write_coalesce_ms = 50;
     })
     .await;
@@ -59,6 +61,7 @@ async fn metrics_describe_the_node_on_their_own_listener() {
         "securechat_bytes_in_total",
         "securechat_bytes_out_total",
         "securechat_write_holds_total",
+        "securechat_write_coalescing",
         "securechat_fanout_seconds_bucket",
         "securechat_rooms",
         "securechat_room_members",

@@ -1099,9 +1099,18 @@ fn coalescing(limits: &Value) -> String {
         limits["write_coalesce_frames"].as_u64(),
     ) {
         (Some(0), _) => ", write coalescing off".to_string(),
-        (Some(ms), Some(frames)) => format!(
-            ", writes to busy connections coalesced as by default (after a write of {frames} or more frames, the next no sooner than {ms} ms after it began)"
-        ),
+        (Some(ms), Some(frames)) => {
+            let when = match limits["write_coalesce_busy_percent"].as_u64() {
+                Some(0) => ", whatever the load".to_string(),
+                Some(percent) => format!(
+                    ", only while the server uses at least {percent} % of its core, until below a third of that"
+                ),
+                None => String::new(),
+            };
+            format!(
+                ", writes to busy connections coalesced as by default (after a write of {frames} or more frames, the next no sooner than {ms} ms after it began{when})"
+            )
+        }
         _ => String::new(),
     }
 }

@@ -110,6 +110,7 @@ pub const PING_INTERVAL_SECS: u64 = 20;
 /// Write coalescing on busy connections, at securechat's defaults.
 pub const WRITE_COALESCE_MS: u64 = 20;
 pub const WRITE_COALESCE_FRAMES: u64 = 8;
+pub const WRITE_COALESCE_BUSY_PERCENT: u64 = 95;
 
 /// One scenario run, as the command line of the load generator.
 struct Plan {
@@ -515,6 +516,7 @@ max_write_buffer_bytes = {MAX_WRITE_BUFFER_BYTES}
 ping_interval_secs = {PING_INTERVAL_SECS}
 write_coalesce_ms = {WRITE_COALESCE_MS}
 write_coalesce_frames = {WRITE_COALESCE_FRAMES}
+write_coalesce_busy_percent = {WRITE_COALESCE_BUSY_PERCENT}
 
 [bans]
 enabled = false
@@ -831,6 +833,7 @@ fn meta(args: &Args, reps: usize, setup: &Setup) -> Value {
             "ping_interval_secs": PING_INTERVAL_SECS,
             "write_coalesce_ms": WRITE_COALESCE_MS,
             "write_coalesce_frames": WRITE_COALESCE_FRAMES,
+            "write_coalesce_busy_percent": WRITE_COALESCE_BUSY_PERCENT,
         },
         "plans": plans(args).iter().map(|p| json!({"scenario": p.scenario, "args": p.args})).collect::<Vec<_>>(),
     })

@@ -10,6 +10,7 @@
 
 pub mod fragments;
 mod handler;
+pub mod load;
 pub mod outbox;
 pub mod transport;
 
@@ -240,7 +241,7 @@ impl Connection {
         // Completes at its first poll (there is no handshake to do).
         let stream = WebSocketStream::from_raw_socket(read, Role::Server, Some(state.ws_config))
             .now_or_never()?;
-        let timing = WriterTiming::new(&state.config.session);
+        let timing = WriterTiming::new(&state.config.session, &state.load);
         let writer = tokio::spawn(write_loop(write, outbox_rx, timing));
         let id = state.next_session_id();
         let mut session = Session::new(id, identity, outbox, user, state);
@@ -345,7 +346,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 // Boxed, like the slow path below: run once, kept out of the
                 // idle writer's size.
                 let finish =
-                    tokio::time::timeout(timing.close_timeout, finish(&mut io, &mut rx, reason));
+                    tokio::time::timeout(timing.close_timeout(), finish(&mut io, &mut rx, reason));
                 let _ = Box::pin(finish).await;
                 return;
             }
@@ -361,8 +362,12 @@ fn write_loop<W: AsyncWrite + Unpin>(
             // the kernel about as much as a large one; waiting from when this
             // write begins lets the next write carry many. The clock is read
             // only then, not on every write.
-            let hold_from = (!timing.coalesce.is_zero() && count >= timing.coalesce_frames)
-                .then(tokio::time::Instant::now);
+            // Only while the node is busy (`load`): with CPU to spare a
+            // hold would only add latency.
+            let hold_from = (timing.coalesce_ms != 0
+                && count >= usize::from(timing.coalesce_frames))
+            .then(tokio::time::Instant::now)
+            .filter(|&now| timing.load.holds(now));
             let delivered = batch
                 .iter()
                 .filter(|item| matches!(item, Outgoing::Text(_)))
@@ -383,7 +388,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                         &batch,
                         sent,
                         &closer,
-                        timing.close_timeout,
+                        timing.close_timeout(),
                     ))
                     .await
                 }
@@ -412,28 +417,36 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 // against the queue's byte bound now.
                 metrics::counter!("securechat_write_holds_total").increment(1);
                 let settled = std::mem::take(&mut written);
-                Box::pin(rx.hold(began + timing.coalesce, settled)).await;
+                let until = began + Duration::from_millis(timing.coalesce_ms.into());
+                Box::pin(rx.hold(until, settled)).await;
             }
         }
     }
 }
 
-/// The writer's timers, from `[session]`.
-#[derive(Clone, Copy)]
+/// The writer's timers, from `[session]`, in the few bytes each writer
+/// keeps (the config caps every one of them well within its type).
 struct WriterTiming {
-    close_timeout: Duration,
+    close_timeout_ms: u32,
     /// See `session.write_coalesce_ms`: zero when off.
-    coalesce: Duration,
-    coalesce_frames: usize,
+    coalesce_ms: u16,
+    coalesce_frames: u16,
+    /// Whether the node is busy enough for holds.
+    load: Arc<load::NodeLoad>,
 }
 
 impl WriterTiming {
-    fn new(session: &crate::config::SessionConfig) -> Self {
+    fn new(session: &crate::config::SessionConfig, load: &Arc<load::NodeLoad>) -> Self {
         Self {
-            close_timeout: Duration::from_millis(session.close_timeout_ms),
-            coalesce: Duration::from_millis(session.write_coalesce_ms),
-            coalesce_frames: session.write_coalesce_frames,
+            close_timeout_ms: session.close_timeout_ms.try_into().unwrap_or(u32::MAX),
+            coalesce_ms: session.write_coalesce_ms.try_into().unwrap_or(u16::MAX),
+            coalesce_frames: session.write_coalesce_frames.try_into().unwrap_or(u16::MAX),
+            load: load.clone(),
         }
+    }
+
+    fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.close_timeout_ms.into())
     }
 }
 
