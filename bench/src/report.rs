@@ -1103,7 +1103,7 @@ fn coalescing(limits: &Value) -> String {
             let when = match limits["write_coalesce_busy_percent"].as_u64() {
                 Some(0) => ", whatever the load".to_string(),
                 Some(percent) => format!(
-                    ", only while the server uses at least {percent} % of its core, until below a third of that"
+                    ", only once the server has used at least {percent} % of its core for three seconds in a row, until below a third of that"
                 ),
                 None => String::new(),
             };

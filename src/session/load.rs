@@ -7,8 +7,9 @@
 //! begun it sustains itself (a hold gathers the frames that make the next
 //! write large again). So holds begin only once the process has used at
 //! least `session.write_coalesce_busy_percent` of its worker threads' CPU
-//! time over a window of at least [`WINDOW`], and end once that falls below
-//! a third of it: coalescing can cut the CPU a busy room costs by half or
+//! time in three windows of at least [`WINDOW`] in a row (a burst of a
+//! second or two does not engage them), and end once a window falls below a
+//! third of it: coalescing can cut the CPU a busy room costs by half or
 //! more, and a lower bound to end it keeps the node from switching it on
 //! and off every window.
 //!
@@ -45,6 +46,8 @@ struct Sample {
     cpu: Duration,
     /// Worker threads of the runtime the sample was taken on.
     workers: u32,
+    /// Windows in a row, up to this sample, at or above the threshold.
+    streak: u8,
 }
 
 impl NodeLoad {
@@ -69,23 +72,26 @@ impl NodeLoad {
                 .is_none_or(|s| now.saturating_duration_since(s.at) >= WINDOW);
             if let Some(cpu) = due.then(process_cpu_time).flatten() {
                 let workers = last.as_ref().map_or_else(runtime_workers, |s| s.workers);
+                let mut streak = 0;
                 if let Some(previous) = last.as_ref() {
                     let used = cpu.saturating_sub(previous.cpu);
-                    self.update(busy_percent(used, now - previous.at, workers));
+                    streak = previous.streak;
+                    self.update(busy_percent(used, now - previous.at, workers), &mut streak);
                 }
                 *last = Some(Sample {
                     at: now,
                     cpu,
                     workers,
+                    streak,
                 });
             }
         }
         self.engaged.load(Ordering::Relaxed)
     }
 
-    fn update(&self, share: f64) {
+    fn update(&self, share: f64, streak: &mut u8) {
         let was = self.engaged.load(Ordering::Relaxed);
-        let now = next_state(was, share, self.engage_percent);
+        let now = next_state(was, share, self.engage_percent, streak);
         if now != was {
             self.engaged.store(now, Ordering::Relaxed);
             debug!(
@@ -99,14 +105,25 @@ impl NodeLoad {
     }
 }
 
-/// Whether holds are on after a window in which the process used
-/// `share` percent of its workers' time.
-fn next_state(engaged: bool, share: f64, engage_percent: u8) -> bool {
+/// Windows in a row at or above the threshold that engage holds: a burst
+/// of a second or two (a batch of handshakes, the kernel compacting the
+/// queues of receivers that stopped reading) does not.
+const ENGAGE_WINDOWS: u8 = 3;
+
+/// Whether holds are on after a window in which the process used `share`
+/// percent of its workers' time; `streak` counts the windows in a row at or
+/// above the threshold.
+fn next_state(engaged: bool, share: f64, engage_percent: u8, streak: &mut u8) -> bool {
     let engage = f64::from(engage_percent);
+    *streak = if share >= engage {
+        streak.saturating_add(1)
+    } else {
+        0
+    };
     if engaged {
         share >= engage / 3.0
     } else {
-        share >= engage
+        *streak >= ENGAGE_WINDOWS
     }
 }
 
@@ -156,16 +173,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn holds_engage_at_the_threshold_and_end_below_a_third_of_it() {
-        // Off: only a window at or above the threshold engages.
-        assert!(!next_state(false, 89.9, 90));
-        assert!(next_state(false, 90.0, 90));
+    fn holds_engage_after_three_busy_windows_and_end_below_a_third() {
+        let mut streak = 0;
+        // Off: only three windows in a row at or above the threshold engage.
+        assert!(!next_state(false, 95.0, 90, &mut streak));
+        assert!(!next_state(false, 90.0, 90, &mut streak));
+        assert!(!next_state(false, 89.9, 90, &mut streak));
+        assert_eq!(streak, 0);
+        for _ in 0..2 {
+            assert!(!next_state(false, 99.0, 90, &mut streak));
+        }
+        assert!(next_state(false, 90.0, 90, &mut streak));
         // On: stays on while the share is at least a third.
-        assert!(next_state(true, 45.0, 90));
-        assert!(next_state(true, 30.0, 90));
-        assert!(!next_state(true, 29.9, 90));
+        assert!(next_state(true, 45.0, 90, &mut streak));
+        assert!(next_state(true, 30.0, 90, &mut streak));
+        assert!(!next_state(true, 29.9, 90, &mut streak));
         // Off again: a share between a third and the threshold keeps it off.
-        assert!(!next_state(false, 60.0, 90));
+        assert!(!next_state(false, 60.0, 90, &mut streak));
     }
 
     #[test]
@@ -194,17 +218,25 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_process_that_spins_engages() {
-        let load = NodeLoad::new(10);
+        let load = NodeLoad::new(5);
         let start = Instant::now();
         assert!(!load.holds(start));
-        // Spin for 300 ms on this (the only) worker thread, then ask as if
-        // the window were over: at least 10 % of it was spent on a core
-        // unless the machine kept this thread off its core for two thirds
-        // of the spin.
+        // Spin for 100 ms a window, three windows, on this (the only)
+        // worker thread, asking as if each (one second) were over: at least
+        // 5 % of each was spent on a core unless the machine kept this
+        // thread off its core for half of a spin.
         let mut spins = 0u64;
-        while start.elapsed() < Duration::from_millis(300) {
-            spins = std::hint::black_box(spins + 1);
+        for window in 1..=ENGAGE_WINDOWS {
+            let begun = std::time::Instant::now();
+            while begun.elapsed() < Duration::from_millis(100) {
+                spins = std::hint::black_box(spins + 1);
+            }
+            let engaged = load.holds(start + WINDOW * u32::from(window));
+            assert_eq!(
+                engaged,
+                window == ENGAGE_WINDOWS,
+                "window {window}, {spins} spins"
+            );
         }
-        assert!(load.holds(start + WINDOW), "after {spins} spins");
     }
 }
