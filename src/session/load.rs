@@ -106,8 +106,8 @@ impl NodeLoad {
 }
 
 /// Windows in a row at or above the threshold that engage holds: a burst
-/// of a second or two (a batch of handshakes, the kernel compacting the
-/// queues of receivers that stopped reading) does not.
+/// of a second or two (a batch of handshakes, receivers that stop reading)
+/// does not.
 const ENGAGE_WINDOWS: u8 = 3;
 
 /// Whether holds are on after a window in which the process used `share`
