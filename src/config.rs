@@ -302,6 +302,10 @@ pub struct LimitsConfig {
     pub outbound_queue_messages: usize,
     /// Bytes waiting for one connection before it is closed as slow (4009).
     pub outbound_queue_bytes: usize,
+    /// The kernel's send buffer for each client socket (`SO_SNDBUF`); 0
+    /// leaves the kernel's default (grown by autotuning, up to
+    /// `net.ipv4.tcp_wmem`'s maximum, 4 MiB on most systems).
+    pub socket_send_buffer_bytes: usize,
     /// Rooms one connection may be in at once.
     pub max_rooms_per_connection: usize,
     /// Messages per second one connection may send (sustained).
@@ -341,6 +345,7 @@ impl Default for LimitsConfig {
             max_write_buffer_bytes: 64 * 1024,
             outbound_queue_messages: 256,
             outbound_queue_bytes: 1024 * 1024,
+            socket_send_buffer_bytes: 256 * 1024,
             max_rooms_per_connection: 32,
             rate_per_sec: 20,
             burst: 40,
@@ -895,6 +900,17 @@ impl Config {
             l.max_message_bytes * 2,
             bounds::MAX_QUEUE_BYTES,
         )?;
+        if l.socket_send_buffer_bytes != 0
+            && !(4096..=16 * 1024 * 1024).contains(&l.socket_send_buffer_bytes)
+        {
+            return Err(self.invalid(
+                "limits.socket_send_buffer_bytes",
+                format!(
+                    "{} is out of range: must be 0 (the kernel's default) or between 4096 and 16777216",
+                    l.socket_send_buffer_bytes
+                ),
+            ));
+        }
         check(
             "max_rooms_per_connection",
             l.max_rooms_per_connection,

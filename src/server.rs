@@ -152,9 +152,24 @@ impl Server {
     }
 }
 
+/// Socket options for an accepted client connection: no Nagle delay, and
+/// a bounded kernel send buffer (`limits.socket_send_buffer_bytes`), so a
+/// client that stops reading holds at most that much of the machine's
+/// memory in the kernel besides its outbound queue. Failures are not fatal:
+/// the connection works with the kernel's defaults.
+fn tune_socket(tcp: &TcpStream, limits: &crate::config::LimitsConfig) {
+    let _ = tcp.set_nodelay(true);
+    if limits.socket_send_buffer_bytes != 0
+        && let Err(e) =
+            socket2::SockRef::from(tcp).set_send_buffer_size(limits.socket_send_buffer_bytes)
+    {
+        tracing::debug!(event = "socket.send_buffer", error = %e, "cannot set SO_SNDBUF");
+    }
+}
+
 impl Server {
     fn accept(&self, tcp: TcpStream, peer: SocketAddr) {
-        let _ = tcp.set_nodelay(true);
+        tune_socket(&tcp, &self.state.config.limits);
         let Ok(permit) = self.connections.clone().try_acquire_owned() else {
             count_refusal(peer, Refusal::OverCapacity, "accept");
             // Over the cap, only a bounded number of refusals get an answer.
@@ -384,5 +399,53 @@ async fn answer_refusal(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, 
         None => {
             let _ = builder.serve_connection(TokioIo::new(tcp), service).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The send buffer the kernel reports for `n` requested: Linux doubles
+    /// the request (for its bookkeeping) after capping it at
+    /// `net.core.wmem_max`.
+    fn reported(n: usize) -> usize {
+        let max: usize = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(usize::MAX);
+        2 * n.min(max)
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn accepted_sockets_get_the_configured_send_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        for n in [16 * 1024, 64 * 1024] {
+            let _client = TcpStream::connect(address).await.unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            let limits = crate::config::LimitsConfig {
+                socket_send_buffer_bytes: n,
+                ..Default::default()
+            };
+            tune_socket(&tcp, &limits);
+            let size = socket2::SockRef::from(&tcp).send_buffer_size().unwrap();
+            assert_eq!(size, reported(n), "requested {n}");
+            assert!(tcp.nodelay().unwrap());
+        }
+        // 0 leaves the kernel's default alone.
+        let _client = TcpStream::connect(address).await.unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let before = socket2::SockRef::from(&tcp).send_buffer_size().unwrap();
+        let limits = crate::config::LimitsConfig {
+            socket_send_buffer_bytes: 0,
+            ..Default::default()
+        };
+        tune_socket(&tcp, &limits);
+        assert_eq!(
+            socket2::SockRef::from(&tcp).send_buffer_size().unwrap(),
+            before
+        );
     }
 }

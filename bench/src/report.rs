@@ -535,7 +535,7 @@ fn header(out: &mut String, meta: &Value) {
     );
     let _ = writeln!(
         out,
-        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus at most {} KiB of TLS records waiting for the socket), server pings every {} s{}. \
+        "- **Servers**: securechat {} (commit {}), release build, configuration written by the suite: every rate, connection and membership cap raised out of the way, bans off, history 0 (the peers keep none), metrics on, logs at `warn`, outbound queues at their defaults ({} messages, {} KiB, plus at most {} KiB of TLS records waiting for the socket){}, server pings every {} s{}. \
          The Node `ws` {} tutorial server on Node {} (`bench/peers/ws-tutorial/server.js`: https server, `ws` server on it, every message broadcast to every open client). \
          Bun {} `Bun.serve` with TLS and built-in pub/sub (`bench/peers/bun/server.ts`: every socket subscribes to one topic, every message is published to it, sender included).",
         s("securechat_version"),
@@ -546,6 +546,11 @@ fn header(out: &mut String, meta: &Value) {
             .unwrap_or(0)
             / 1024,
         tls_send_buffer(&meta["securechat_limits"]) / 1024,
+        match meta["securechat_limits"]["socket_send_buffer_bytes"].as_u64() {
+            Some(0) => ", the kernel's send buffer autotuned".to_string(),
+            Some(n) => format!(", the kernel's send buffer per socket {} KiB", n / 1024),
+            None => String::new(),
+        },
         meta["securechat_limits"]["ping_interval_secs"],
         coalescing(&meta["securechat_limits"]),
         s("ws_version"),

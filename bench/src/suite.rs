@@ -102,6 +102,8 @@ pub struct Args {
 pub const OUTBOUND_QUEUE_MESSAGES: u64 = 256;
 pub const OUTBOUND_QUEUE_BYTES: u64 = 1024 * 1024;
 pub const MAX_WRITE_BUFFER_BYTES: u64 = 64 * 1024;
+/// The kernel's send buffer for each client socket, securechat's default.
+pub const SOCKET_SEND_BUFFER_BYTES: u64 = 256 * 1024;
 /// What securechat's TLS layer holds encrypted and unsent per connection at
 /// most, on top of the outbound queue: one write's records (16 KiB of
 /// plaintext and record overhead), taken only once the previous are out.
@@ -511,6 +513,7 @@ user_burst = 100000
 outbound_queue_messages = {OUTBOUND_QUEUE_MESSAGES}
 outbound_queue_bytes = {OUTBOUND_QUEUE_BYTES}
 max_write_buffer_bytes = {MAX_WRITE_BUFFER_BYTES}
+socket_send_buffer_bytes = {SOCKET_SEND_BUFFER_BYTES}
 
 [session]
 ping_interval_secs = {PING_INTERVAL_SECS}
@@ -830,6 +833,7 @@ fn meta(args: &Args, reps: usize, setup: &Setup) -> Value {
             "outbound_queue_bytes": OUTBOUND_QUEUE_BYTES,
             "max_write_buffer_bytes": MAX_WRITE_BUFFER_BYTES,
             "tls_send_buffer_bytes": TLS_SEND_BUFFER_BYTES,
+            "socket_send_buffer_bytes": SOCKET_SEND_BUFFER_BYTES,
             "ping_interval_secs": PING_INTERVAL_SECS,
             "write_coalesce_ms": WRITE_COALESCE_MS,
             "write_coalesce_frames": WRITE_COALESCE_FRAMES,
