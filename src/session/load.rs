@@ -67,26 +67,39 @@ impl NodeLoad {
         }
         // Another writer sampling right now decides for this one too.
         if let Ok(mut last) = self.last.try_lock() {
-            let due = last
-                .as_ref()
-                .is_none_or(|s| now.saturating_duration_since(s.at) >= WINDOW);
-            if let Some(cpu) = due.then(process_cpu_time).flatten() {
-                let workers = last.as_ref().map_or_else(runtime_workers, |s| s.workers);
-                let mut streak = 0;
-                if let Some(previous) = last.as_ref() {
-                    let used = cpu.saturating_sub(previous.cpu);
-                    streak = previous.streak;
-                    self.update(busy_percent(used, now - previous.at, workers), &mut streak);
-                }
-                *last = Some(Sample {
-                    at: now,
-                    cpu,
-                    workers,
-                    streak,
-                });
-            }
+            self.sample(&mut last, now);
         }
         self.engaged.load(Ordering::Relaxed)
+    }
+
+    /// Takes a sample at `now` if the last is a window old, and updates
+    /// whether holds are on from the share used since it.
+    fn sample(&self, last: &mut Option<Sample>, now: Instant) {
+        if last
+            .as_ref()
+            .is_some_and(|s| now.saturating_duration_since(s.at) < WINDOW)
+        {
+            return;
+        }
+        let Some(cpu) = process_cpu_time() else {
+            return;
+        };
+        let (workers, streak) = match last.as_ref() {
+            None => (runtime_workers(), 0),
+            Some(previous) => {
+                let mut streak = previous.streak;
+                let used = cpu.saturating_sub(previous.cpu);
+                let elapsed = now.saturating_duration_since(previous.at);
+                self.update(busy_percent(used, elapsed, previous.workers), &mut streak);
+                (previous.workers, streak)
+            }
+        };
+        *last = Some(Sample {
+            at: now,
+            cpu,
+            workers,
+            streak,
+        });
     }
 
     fn update(&self, share: f64, streak: &mut u8) {

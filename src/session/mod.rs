@@ -360,10 +360,9 @@ fn write_loop<W: AsyncWrite + Unpin>(
             // written: the server or this connection is busy. Writing again
             // at once would mean one small write per message, each costing
             // the kernel about as much as a large one; waiting from when this
-            // write begins lets the next write carry many. The clock is read
-            // only then, not on every write.
-            // Only while the node is busy (`load`): with CPU to spare a
-            // hold would only add latency.
+            // write begins lets the next write carry many. Only while the
+            // node is short of CPU (`load`): with CPU to spare a hold would
+            // only add latency. The clock is read only for such a batch.
             let hold_from = (timing.coalesce_ms != 0
                 && count >= usize::from(timing.coalesce_frames))
             .then(tokio::time::Instant::now)
