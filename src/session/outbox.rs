@@ -8,9 +8,14 @@
 //! behind it ride along. A writer holding back to coalesce its writes is
 //! woken only when the queue reaches half its bound (or on a close). An
 //! idle queue holds no allocation beyond its shared header.
+//!
+//! The writer's waker is kept under the queue's own lock: a push that has
+//! to wake the writer does so in the same critical section that queued the
+//! message, with no second lock or waker clone per message.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use smallvec::SmallVec;
@@ -55,6 +60,30 @@ struct Queue {
     /// The writer is holding back to coalesce writes: a push onto the empty
     /// queue does not wake it, a queue at half its bound does.
     holding: bool,
+    /// The writer waits for a push (or a close) and `waker` wakes it.
+    waiting: bool,
+    /// The writer task's waker, kept between waits (it rarely changes).
+    waker: Option<Waker>,
+}
+
+impl Queue {
+    /// The writer will wait: wake it with `cx`'s waker.
+    fn wait(&mut self, cx: &Context<'_>) {
+        match &self.waker {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => self.waker = Some(cx.waker().clone()),
+        }
+        self.waiting = true;
+    }
+
+    /// Wakes the writer if it waits.
+    fn wake(&mut self) {
+        if std::mem::take(&mut self.waiting)
+            && let Some(waker) = &self.waker
+        {
+            waker.wake_by_ref();
+        }
+    }
 }
 
 struct Shared {
@@ -63,8 +92,6 @@ struct Shared {
     max_bytes: usize,
     /// The first close reason wins.
     close: OnceLock<Disconnect>,
-    /// Wakes the writer when the queue stops being empty.
-    ready: Notify,
     /// Wakes everyone waiting in [`Closer::closing`].
     closed: Notify,
     /// The writer is gone: pushes are dropped.
@@ -89,7 +116,6 @@ pub fn outbox(max_messages: usize, max_bytes: usize) -> (Outbox, OutboxReceiver)
         max_messages,
         max_bytes,
         close: OnceLock::new(),
-        ready: Notify::new(),
         closed: Notify::new(),
         writer_gone: AtomicBool::new(false),
     });
@@ -138,9 +164,8 @@ impl Outbox {
         } else {
             was_empty
         };
-        drop(queue);
         if wake {
-            shared.ready.notify_one();
+            queue.wake();
         }
         true
     }
@@ -177,8 +202,8 @@ impl Shared {
     fn set_close(&self, reason: Disconnect) -> bool {
         if self.close.set(reason).is_ok() {
             self.closed.notify_waiters();
-            // The writer may be parked on `ready` rather than on `closed`.
-            self.ready.notify_one();
+            // The writer may wait for a push rather than on `closed`.
+            lock(&self.queue).wake();
             true
         } else {
             false
@@ -223,10 +248,19 @@ impl OutboxReceiver {
         self.shared.close.get().copied()
     }
 
-    /// Waits until something may be queued (or a close is requested). May
-    /// return with nothing queued: callers check again.
+    /// Waits until something is queued or a close is requested.
     pub async fn ready(&self) {
-        self.shared.ready.notified().await;
+        let shared = &*self.shared;
+        std::future::poll_fn(|cx| {
+            let mut queue = lock(&shared.queue);
+            if !queue.items.is_empty() || shared.close.get().is_some() {
+                queue.waiting = false;
+                return Poll::Ready(());
+            }
+            queue.wait(cx);
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Moves everything queued into `batch` (which must be empty) and
@@ -260,22 +294,22 @@ impl OutboxReceiver {
             }
             queue.holding = true;
         }
-        let sleep = tokio::time::sleep_until(until);
-        tokio::pin!(sleep);
-        loop {
-            tokio::select! {
-                biased;
-                () = &mut sleep => break,
-                // A push onto the queue emptied by the last take may have
-                // woken the writer before it began holding: check and wait on.
-                () = shared.ready.notified() => {
-                    if self.close_reason().is_some() || shared.half_full(&lock(&shared.queue)) {
-                        break;
-                    }
-                }
+        let woken = std::future::poll_fn(|cx| {
+            let mut queue = lock(&shared.queue);
+            if shared.close.get().is_some() || shared.half_full(&queue) {
+                return Poll::Ready(());
             }
+            queue.wait(cx);
+            Poll::Pending
+        });
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(until) => {}
+            () = woken => {}
         }
-        lock(&shared.queue).holding = false;
+        let mut queue = lock(&shared.queue);
+        queue.holding = false;
+        queue.waiting = false;
     }
 
     /// Gives back the queue's buffer if a burst made one and it is empty.
