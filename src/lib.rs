@@ -49,6 +49,7 @@ pub mod server;
 pub mod session;
 pub mod state;
 mod sync;
+pub mod tally;
 pub mod telemetry;
 pub mod tls;
 pub mod tls_stream;

@@ -3,8 +3,9 @@
 //! (loopback by default), never on the public port.
 //!
 //! The code records with the `metrics` macros wherever things happen;
-//! gauges that describe the state of the node (rooms, members, bans) are
-//! set when a scrape arrives.
+//! gauges that describe the state of the node (rooms, members, bans) and
+//! the counters of writes to clients (kept per thread, see
+//! [`crate::tally`]) are set when a scrape arrives.
 
 use std::convert::Infallible;
 use std::sync::{Arc, OnceLock};
@@ -144,6 +145,10 @@ fn sample(state: &AppState) {
     // the gauge would keep showing the last busy spell.
     let engaged = state.load.holds(tokio::time::Instant::now());
     metrics::gauge!("securechat_write_coalescing").set(if engaged { 1.0 } else { 0.0 });
+    // Counted per thread on the write path (see `tally`), summed here.
+    let written = crate::tally::totals();
+    metrics::counter!("securechat_messages_delivered_total").absolute(written.delivered);
+    metrics::counter!("securechat_bytes_out_total").absolute(written.bytes);
 }
 
 /// Serves `/metrics` on `listener` until the node shuts down.

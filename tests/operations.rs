@@ -74,6 +74,9 @@ async fn metrics_describe_the_node_on_their_own_listener() {
     // The gauges read off this node (other servers in this test process
     // share counters, not these).
     assert!(sample(&text, "securechat_room_members").unwrap() >= 2.0);
+    // Alice's message, written to both of them.
+    assert!(sample(&text, "securechat_messages_delivered_total").unwrap() >= 2.0);
+    assert!(sample(&text, "securechat_bytes_out_total").unwrap() >= 10.0);
     let expiry = sample(&text, "securechat_certificate_expiry_timestamp_seconds").unwrap();
     assert!(expiry > securechat::auth::jwt::now_unix() as f64);
 

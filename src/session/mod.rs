@@ -337,9 +337,6 @@ fn write_loop<W: AsyncWrite + Unpin>(
         // would hold them twice).
         let closer = rx.closer();
         let mut batch = Batch::new();
-        // Looked up once: a registry lookup per batch shows on the hot path.
-        let bytes_out = metrics::counter!("securechat_bytes_out_total");
-        let delivered_total = metrics::counter!("securechat_messages_delivered_total");
         let mut written = 0;
         loop {
             if let Some(reason) = rx.close_reason() {
@@ -406,8 +403,7 @@ fn write_loop<W: AsyncWrite + Unpin>(
                 batch = Batch::new();
             }
             if delivered > 0 {
-                bytes_out.increment(bytes as u64);
-                delivered_total.increment(delivered as u64);
+                crate::tally::count_written(delivered as u64, bytes as u64);
             }
             if let Some(began) = hold_from {
                 // Looked up here, not held by every idle writer: a busy
