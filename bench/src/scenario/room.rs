@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -207,14 +208,15 @@ impl Room {
         if *stop.borrow_and_update() {
             return;
         }
-        let (sink, mut stream) = ws.split();
-        let writer = if role == Role::Sender {
-            Some(tokio::spawn(self.clone().send_loop(sink, period, first)))
+        // Only senders split the stream: the lock the two halves share
+        // costs every read, and a receiver reads all the time. A receiver's
+        // stream still answers pings itself.
+        let (mut stream, writer) = if role == Role::Sender {
+            let (sink, stream) = ws.split();
+            let writer = tokio::spawn(self.clone().send_loop(sink, period, first));
+            (Either::Left(stream), Some(writer))
         } else {
-            // Not needed: the reading half still answers pings, as both
-            // halves share the socket, which lives while either does.
-            drop(sink);
-            None
+            (Either::Right(ws), None)
         };
         // The flag only ever goes from false to true: a change is the stop.
         let stopped = stop.changed();
