@@ -22,6 +22,15 @@ pub struct Totals {
     pub bytes: u64,
 }
 
+impl Totals {
+    fn plus(self, other: Totals) -> Totals {
+        Totals {
+            delivered: self.delivered.wrapping_add(other.delivered),
+            bytes: self.bytes.wrapping_add(other.bytes),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     delivered: AtomicU64,
@@ -65,9 +74,7 @@ impl Local {
 impl Drop for Local {
     fn drop(&mut self) {
         let mut slots = lock(&SLOTS);
-        let mine = self.0.read();
-        slots.retired.delivered = slots.retired.delivered.wrapping_add(mine.delivered);
-        slots.retired.bytes = slots.retired.bytes.wrapping_add(mine.bytes);
+        slots.retired = slots.retired.plus(self.0.read());
         slots.live.retain(|slot| !Arc::ptr_eq(slot, &self.0));
     }
 }
@@ -92,21 +99,17 @@ pub fn count_written(delivered: u64, bytes: u64) {
         // The thread is ending and its slot is gone (a write from another
         // thread-local's destructor): count it as retired.
         let mut slots = lock(&SLOTS);
-        slots.retired.delivered = slots.retired.delivered.wrapping_add(delivered);
-        slots.retired.bytes = slots.retired.bytes.wrapping_add(bytes);
+        slots.retired = slots.retired.plus(Totals { delivered, bytes });
     }
 }
 
 /// Everything counted so far, by every thread.
 pub fn totals() -> Totals {
     let slots = lock(&SLOTS);
-    slots.live.iter().fold(slots.retired, |sum, slot| {
-        let one = slot.read();
-        Totals {
-            delivered: sum.delivered.wrapping_add(one.delivered),
-            bytes: sum.bytes.wrapping_add(one.bytes),
-        }
-    })
+    slots
+        .live
+        .iter()
+        .fold(slots.retired, |sum, slot| sum.plus(slot.read()))
 }
 
 #[cfg(test)]
