@@ -326,13 +326,19 @@ impl Drop for OutboxReceiver {
         // The writer has ended: nothing queued from now on will be written.
         self.shared.writer_gone.store(true, Ordering::Relaxed);
         self.shared.set_close(Disconnect::Normal);
-        lock(&self.shared.queue).items = Batch::new();
+        let mut queue = lock(&self.shared.queue);
+        queue.items = Batch::new();
+        // A waker keeps its task's memory allocated: the ended writer's goes
+        // now, not when the last sender (a room's member entry) lets go.
+        queue.waker = None;
+        queue.waiting = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use std::time::Duration;
 
     fn texts(batch: &[Outgoing]) -> Vec<String> {
@@ -551,6 +557,27 @@ mod tests {
         tx.close(Disconnect::Expired);
         assert_eq!(a.await.ok(), Some(Disconnect::Expired));
         assert_eq!(b.await.ok(), Some(Disconnect::Expired));
+    }
+
+    #[test]
+    fn the_ended_writers_waker_is_let_go() {
+        struct Count;
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {}
+        }
+        let count = Arc::new(Count);
+        let waker = Waker::from(count.clone());
+        let (tx, rx) = outbox(4, 100);
+        {
+            let ready = std::pin::pin!(rx.ready());
+            assert!(ready.poll(&mut Context::from_waker(&waker)).is_pending());
+        }
+        // The queue keeps the waker between waits...
+        assert_eq!(Arc::strong_count(&count), 3);
+        drop(rx);
+        // ...until the writer ends, though `tx` still holds the queue.
+        assert_eq!(Arc::strong_count(&count), 2);
+        drop(tx);
     }
 
     #[tokio::test]
