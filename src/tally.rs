@@ -31,7 +31,11 @@ impl Totals {
     }
 }
 
+/// Aligned to two cache lines (the adjacent-line prefetcher's pair), so
+/// that threads on different cores never write to a line another's slot
+/// shares.
 #[derive(Default)]
+#[repr(align(128))]
 struct Slot {
     delivered: AtomicU64,
     bytes: AtomicU64,

@@ -198,6 +198,18 @@ impl Shared {
         queue.items.len() * 2 >= self.max_messages || queue.bytes * 2 >= self.max_bytes
     }
 
+    /// Ready once `done` holds for the queue or a close is requested;
+    /// otherwise the writer waits for a push (or the close) to wake it.
+    fn poll_until(&self, cx: &Context<'_>, done: impl Fn(&Queue) -> bool) -> Poll<()> {
+        let mut queue = lock(&self.queue);
+        if done(&queue) || self.close.get().is_some() {
+            queue.waiting = false;
+            return Poll::Ready(());
+        }
+        queue.wait(cx);
+        Poll::Pending
+    }
+
     /// Sets the close reason if none is set; `true` if this call set it.
     fn set_close(&self, reason: Disconnect) -> bool {
         if self.close.set(reason).is_ok() {
@@ -251,16 +263,7 @@ impl OutboxReceiver {
     /// Waits until something is queued or a close is requested.
     pub async fn ready(&self) {
         let shared = &*self.shared;
-        std::future::poll_fn(|cx| {
-            let mut queue = lock(&shared.queue);
-            if !queue.items.is_empty() || shared.close.get().is_some() {
-                queue.waiting = false;
-                return Poll::Ready(());
-            }
-            queue.wait(cx);
-            Poll::Pending
-        })
-        .await;
+        std::future::poll_fn(|cx| shared.poll_until(cx, |queue| !queue.items.is_empty())).await;
     }
 
     /// Moves everything queued into `batch` (which must be empty) and
@@ -294,14 +297,8 @@ impl OutboxReceiver {
             }
             queue.holding = true;
         }
-        let woken = std::future::poll_fn(|cx| {
-            let mut queue = lock(&shared.queue);
-            if shared.close.get().is_some() || shared.half_full(&queue) {
-                return Poll::Ready(());
-            }
-            queue.wait(cx);
-            Poll::Pending
-        });
+        let woken =
+            std::future::poll_fn(|cx| shared.poll_until(cx, |queue| shared.half_full(queue)));
         tokio::select! {
             biased;
             () = tokio::time::sleep_until(until) => {}
@@ -561,11 +558,11 @@ mod tests {
 
     #[test]
     fn the_ended_writers_waker_is_let_go() {
-        struct Count;
-        impl std::task::Wake for Count {
+        struct Noop;
+        impl std::task::Wake for Noop {
             fn wake(self: Arc<Self>) {}
         }
-        let count = Arc::new(Count);
+        let count = Arc::new(Noop);
         let waker = Waker::from(count.clone());
         let (tx, rx) = outbox(4, 100);
         {
