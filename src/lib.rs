@@ -11,6 +11,8 @@
 //! - [`server`]: accept loop, connection cap, handshake deadline, shutdown.
 //! - [`admission`]: per-address caps, handshake rates, bans; per-user caps.
 //! - [`proxy`]: the PROXY protocol header from trusted TCP proxies.
+//! - [`prefixed`]: HTTP/1.1 or HTTP/2 by the preface; the stream that
+//!   returns the bytes read ahead (and hyper's, after an upgrade).
 //! - [`http`]: routes; the upgrade checks (shape, subprotocol, Origin, token).
 //! - [`refusal`]: every HTTP refusal and its status, in one place.
 //! - [`web`]: the browser client (page and library) with its CSP.
@@ -40,6 +42,7 @@ pub mod dev;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod prefixed;
 pub mod protocol;
 pub mod proxy;
 pub mod refusal;

@@ -3,10 +3,12 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -17,6 +19,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::http::{self, ConnHold, ConnInfo};
+use crate::prefixed::{self, Version};
 use crate::refusal::Refusal;
 use crate::reload::Reloader;
 use crate::state::AppState;
@@ -290,10 +293,9 @@ async fn serve_connection(
     }
 }
 
-fn http_builder(state: &AppState, remaining: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn http1_builder(state: &AppState, remaining: Duration) -> http1::Builder {
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         // While draining, answer one request per connection and close.
         .keep_alive(!state.is_draining())
@@ -301,7 +303,11 @@ fn http_builder(state: &AppState, remaining: Duration) -> auto::Builder<TokioExe
         .max_buf_size(16 * 1024)
         .max_headers(64);
     builder
-        .http2()
+}
+
+fn http2_builder(state: &AppState) -> http2::Builder<TokioExecutor> {
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .max_concurrent_streams(state.config.limits.h2_max_streams)
@@ -311,6 +317,15 @@ fn http_builder(state: &AppState, remaining: Duration) -> auto::Builder<TokioExe
     builder
 }
 
+fn count_http_timeout(peer: SocketAddr) {
+    metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "timeout")
+        .increment(1);
+    debug!(event = "handshake.refused", peer = %peer, reason = "timeout", stage = "http");
+}
+
+/// HTTP/1.1 or HTTP/2 (told apart by the preface, whatever ALPN said, as
+/// clients with prior knowledge skip it), until the connection ends or, short
+/// of an upgrade, the handshake deadline passes.
 async fn serve_http<IO>(
     io: IO,
     peer: SocketAddr,
@@ -332,30 +347,73 @@ async fn serve_http<IO>(
         let info = info.clone();
         service_fn(move |req| http::handle(req, state.clone(), info.clone()))
     };
-    let remaining = deadline.saturating_duration_since(Instant::now());
-    let builder = http_builder(&state, remaining.max(Duration::from_millis(1)));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
-    let shutdown = state.shutdown.clone();
-    let mut deadline_passed = false;
     // A connection accepted while draining gets its one answer (`/readyz`
-    // 503, an upgrade refused with `shutting_down`) instead of being cut off.
-    let mut shutting_down = state.shutdown.is_cancelled();
-    loop {
-        tokio::select! {
-            _ = conn.as_mut() => break,
-            () = tokio::time::sleep_until(deadline), if !deadline_passed => {
-                deadline_passed = true;
-                if !info.upgraded.load(Ordering::Acquire) {
-                    metrics::counter!("securechat_handshakes_total", "outcome" => "refused", "reason" => "timeout")
-                        .increment(1);
-                    debug!(event = "handshake.refused", peer = %peer, reason = "timeout", stage = "http");
-                    break;
+    // 503, an upgrade refused with `shutting_down`) instead of being cut off;
+    // one that has sent nothing yet when draining begins is closed.
+    let shutting_down = state.shutdown.is_cancelled();
+    let read = tokio::time::timeout_at(deadline, prefixed::read_version(io));
+    let read = tokio::select! {
+        read = read => read,
+        () = state.shutdown.cancelled(), if !shutting_down => return,
+    };
+    let (version, io) = match read {
+        Ok(Ok(read)) => read,
+        // The peer reset or broke TLS before a request: nothing to answer.
+        Ok(Err(_)) => return,
+        Err(_) => return count_http_timeout(peer),
+    };
+    let io = TokioIo::new(io);
+    let watch = Watch {
+        state: &state,
+        info: &info,
+        peer,
+        deadline,
+        shutting_down,
+    };
+    match version {
+        Version::Http1 => {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let builder = http1_builder(&state, remaining.max(Duration::from_millis(1)));
+            let conn = builder.serve_connection(io, service).with_upgrades();
+            watch.run(conn, |conn| conn.graceful_shutdown()).await;
+        }
+        Version::Http2 => {
+            let conn = http2_builder(&state).serve_connection(io, service);
+            watch.run(conn, |conn| conn.graceful_shutdown()).await;
+        }
+    }
+}
+
+/// What an HTTP connection is watched for while it runs.
+struct Watch<'a> {
+    state: &'a AppState,
+    info: &'a ConnInfo,
+    peer: SocketAddr,
+    deadline: Instant,
+    shutting_down: bool,
+}
+
+impl Watch<'_> {
+    /// Runs `conn` to its end: at the handshake deadline, unless a session
+    /// was upgraded from it, it is dropped; when a shutdown begins, it is
+    /// asked to finish gracefully (`graceful`).
+    async fn run<C: Future>(mut self, conn: C, graceful: fn(Pin<&mut C>)) {
+        tokio::pin!(conn);
+        let mut deadline_passed = false;
+        loop {
+            tokio::select! {
+                _ = conn.as_mut() => break,
+                () = tokio::time::sleep_until(self.deadline), if !deadline_passed => {
+                    deadline_passed = true;
+                    if !self.info.upgraded.load(Ordering::Acquire) {
+                        count_http_timeout(self.peer);
+                        break;
+                    }
                 }
-            }
-            () = shutdown.cancelled(), if !shutting_down => {
-                shutting_down = true;
-                conn.as_mut().graceful_shutdown();
+                () = self.state.shutdown.cancelled(), if !self.shutting_down => {
+                    self.shutting_down = true;
+                    graceful(conn.as_mut());
+                }
             }
         }
     }
