@@ -494,6 +494,15 @@ audit_file = "../audit.log"
             "{event} missing from the logs:\n{logs}"
         );
     }
+    // An HTTP/1.1 upgrade over TLS: the session writes to the TLS stream
+    // itself, not through hyper's boxed upgraded stream.
+    let open = logs
+        .lines()
+        .find(|line| line.contains("conn.open"))
+        .expect("a conn.open line");
+    let open: serde_json::Value = serde_json::from_str(open).unwrap();
+    assert_eq!(open["stream"], "tls", "{open}");
+    assert_eq!(open["http"], "http/1.1", "{open}");
     for secret in [token.as_str(), refresh.as_str(), canary, SECRET] {
         assert!(
             !logs.contains(secret),

@@ -430,3 +430,115 @@ async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
         assert_eq!(suite, expected, "client preferred {first:?}");
     }
 }
+
+/// A client that sends its first frame in the same write as the upgrade
+/// request: hyper has read the frame with the request, and the session
+/// must still get it (the bytes hyper read ahead come back first).
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read() {
+    let server = TestServer::start().await;
+    let mut tls = server.tls(&[b"http/1.1"], None).await;
+    let port = server.addr.port();
+    let token = server.token("eager");
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: securechat.v1\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes();
+    let join = json!({"type": "join", "room": "general"}).to_string();
+    let mask = [0x11, 0x22, 0x33, 0x44];
+    bytes.extend_from_slice(&[0x81, 0x80 | u8::try_from(join.len()).unwrap()]);
+    bytes.extend_from_slice(&mask);
+    bytes.extend(join.bytes().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    // One TLS record: the request and the frame arrive together.
+    tls.write_all(&bytes).await.unwrap();
+    tls.flush().await.unwrap();
+
+    // The response head, byte by byte: frames may follow at once.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let byte = tokio::time::timeout(WAIT, tls.read_u8())
+            .await
+            .expect("a response")
+            .unwrap();
+        head.push(byte);
+        assert!(head.len() < 4096, "no end of the response head");
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+
+    let mut ws = WebSocketStream::from_raw_socket(tls, Role::Client, None).await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let message = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("frames from the server")
+            .expect("an open stream")
+            .unwrap();
+        if let Message::Text(text) = message {
+            let frame: Value = serde_json::from_str(&text).unwrap();
+            kinds.push(frame["type"].as_str().unwrap_or("").to_string());
+        }
+    }
+    assert_eq!(kinds, ["welcome", "joined"]);
+}
+
+/// Behind a TLS-terminating proxy (`tls.mode = "off"`): a session over
+/// plain TCP works end to end, a message delivered and answered.
+#[tokio::test]
+async fn a_session_over_plain_tcp_behind_a_tls_proxy() {
+    let server = TestServer::start_with(|c| {
+        c.tls.mode = securechat::config::TlsMode::Off;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for sub in ["plain-a", "plain-b"] {
+        let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut req = server.bearer_request(&server.token(sub));
+        *req.uri_mut() = format!("ws://localhost:{}/ws", server.addr.port())
+            .parse()
+            .unwrap();
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let mut kinds = Vec::new();
+        for frame in [None, Some(json!({"type": "join", "room": "general"}))] {
+            if let Some(frame) = frame {
+                ws.send(Message::Text(frame.to_string().into()))
+                    .await
+                    .unwrap();
+            }
+            let text = tokio::time::timeout(WAIT, ws.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .into_text()
+                .unwrap();
+            let value: Value = serde_json::from_str(&text).unwrap();
+            kinds.push(value["type"].as_str().unwrap().to_string());
+        }
+        assert_eq!(kinds, ["welcome", "joined"]);
+        clients.push(ws);
+    }
+    let send = json!({"type": "send", "room": "general", "id": "p1", "body": "in the clear"});
+    clients[0]
+        .send(Message::Text(send.to_string().into()))
+        .await
+        .unwrap();
+    let message = loop {
+        let text = tokio::time::timeout(WAIT, clients[1].next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .into_text()
+            .unwrap();
+        let value: Value = serde_json::from_str(&text).unwrap();
+        if value["type"] == "message" {
+            break value;
+        }
+    };
+    assert_eq!(message["body"], "in the clear");
+    assert_eq!(message["from"]["sub"], "plain-a");
+}

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::OptionFuture;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use hyper::upgrade::{OnUpgrade, Upgraded};
-use hyper_util::rt::TokioIo;
+use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncWrite, AsyncWriteExt, ReadHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -41,9 +40,7 @@ use crate::rooms::RoomPolicy;
 use crate::state::AppState;
 use fragments::FragmentLimited;
 use outbox::{Batch, Outbox, OutboxReceiver, Outgoing};
-use transport::ReplyIo;
-
-type Io = TokioIo<Upgraded>;
+use transport::{Io, ReplyIo};
 
 /// The reading side of a session's WebSocket.
 pub type Ws = WebSocketStream<FragmentLimited<ReplyIo<ReadHalf<Io>>>>;
@@ -182,7 +179,7 @@ pub struct SessionHold {
 pub fn run(on_upgrade: OnUpgrade, start: Box<Start>) -> impl Future<Output = ()> {
     on_upgrade
         .map(move |upgraded| match upgraded {
-            Ok(upgraded) => open(TokioIo::new(upgraded), start),
+            Ok(upgraded) => open(Io::from_upgraded(upgraded), start),
             Err(e) => {
                 debug!(event = "upgrade.failed", peer = %start.meta.peer, error = %e);
                 None
@@ -231,6 +228,7 @@ impl Connection {
         let limits = &state.config.limits;
         let (outbox, outbox_rx) =
             outbox::outbox(limits.outbound_queue_messages, limits.outbound_queue_bytes);
+        let stream_kind = io.kind();
         let (read, write) = tokio::io::split(io);
         let too_fragmented = Arc::new(AtomicBool::new(false));
         let read = FragmentLimited::new(
@@ -251,6 +249,7 @@ impl Connection {
             client_cert = meta.client_subject.as_deref().unwrap_or(""),
             credential = meta.credential_source,
             http = meta.http_version,
+            stream = stream_kind,
             "connection open"
         );
         metrics::gauge!("securechat_connections_open").increment(1.0);

@@ -16,7 +16,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::prefixed::Prefixed;
+use crate::tls_stream::TlsStream;
 
 use super::outbox::{Outbox, Outgoing};
 
@@ -73,6 +79,103 @@ pub fn close_frame(code: u16, reason: &str) -> Bytes {
     frame.extend_from_slice(&code.to_be_bytes());
     frame.extend_from_slice(reason);
     Bytes::from(frame)
+}
+
+/// A session's connection. After an HTTP/1.1 upgrade, the TLS (or plain
+/// TCP) stream itself, taken back from hyper with the bytes hyper had read
+/// past the request: no boxed stream to go through on every write. A
+/// WebSocket over HTTP/2 is one stream of a shared connection, so it stays
+/// hyper's upgraded stream.
+// The TLS stream is held in place: it is what nearly every session is, and
+// a box of its own is the pointer this type exists to remove.
+#[allow(clippy::large_enum_variant)]
+pub enum Io {
+    Tls(Prefixed<TlsStream>),
+    Plain(Prefixed<TcpStream>),
+    Http2(TokioIo<Upgraded>),
+}
+
+impl Io {
+    /// The connection hyper hands over after the upgrade.
+    pub fn from_upgraded(upgraded: Upgraded) -> Self {
+        fn take<T>(parts: hyper::upgrade::Parts<TokioIo<Prefixed<T>>>) -> Prefixed<T> {
+            let mut io = parts.io.into_inner();
+            io.unread(parts.read_buf);
+            io
+        }
+        let upgraded = match upgraded.downcast::<TokioIo<Prefixed<TlsStream>>>() {
+            Ok(parts) => return Self::Tls(take(parts)),
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<Prefixed<TcpStream>>>() {
+            Ok(parts) => Self::Plain(take(parts)),
+            Err(upgraded) => Self::Http2(TokioIo::new(upgraded)),
+        }
+    }
+
+    /// Which of the three it is (the `stream` of the `conn.open` log line).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Tls(_) => "tls",
+            Self::Plain(_) => "tcp",
+            Self::Http2(_) => "h2-stream",
+        }
+    }
+}
+
+/// Forwards to the stream inside.
+macro_rules! each {
+    ($self:ident, $io:ident => $call:expr) => {
+        match $self.get_mut() {
+            Io::Tls($io) => $call,
+            Io::Plain($io) => $call,
+            Io::Http2($io) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, io => Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tls(io) => io.is_write_vectored(),
+            Self::Plain(io) => io.is_write_vectored(),
+            Self::Http2(io) => io.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, io => Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, io => Pin::new(io).poll_shutdown(cx))
+    }
 }
 
 /// Batches up to this size are framed on the stack; larger ones in vectors.
