@@ -394,7 +394,7 @@ impl Default for SessionConfig {
             idle_timeout_secs: 3600,
             write_coalesce_ms: 20,
             write_coalesce_frames: 8,
-            write_coalesce_busy_percent: 95,
+            write_coalesce_busy_percent: 90,
         }
     }
 }

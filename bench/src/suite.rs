@@ -112,7 +112,7 @@ pub const PING_INTERVAL_SECS: u64 = 20;
 /// Write coalescing on busy connections, at securechat's defaults.
 pub const WRITE_COALESCE_MS: u64 = 20;
 pub const WRITE_COALESCE_FRAMES: u64 = 8;
-pub const WRITE_COALESCE_BUSY_PERCENT: u64 = 95;
+pub const WRITE_COALESCE_BUSY_PERCENT: u64 = 90;
 
 /// One scenario run, as the command line of the load generator.
 struct Plan {
