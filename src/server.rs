@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -370,16 +370,26 @@ async fn serve_http<IO>(
         deadline,
         shutting_down,
     };
+    // This task lives until the upgrade, and its size is allocated and
+    // copied for every handshake. So each connection is pinned here and lent
+    // to `run` (passed by value it would be held twice: an async fn keeps
+    // its arguments apart from its locals), the builders are dropped before
+    // it runs, and the HTTP/2 connection, the larger and rarer one, is boxed.
     match version {
         Version::Http1 => {
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let builder = http1_builder(&state, remaining.max(Duration::from_millis(1)));
-            let conn = builder.serve_connection(io, service).with_upgrades();
+            let conn = pin!(
+                http1_builder(&state, remaining.max(Duration::from_millis(1)))
+                    .serve_connection(io, service)
+                    .with_upgrades()
+            );
             watch.run(conn, |conn| conn.graceful_shutdown()).await;
         }
         Version::Http2 => {
-            let conn = http2_builder(&state).serve_connection(io, service);
-            watch.run(conn, |conn| conn.graceful_shutdown()).await;
+            let mut conn = Box::pin(http2_builder(&state).serve_connection(io, service));
+            watch
+                .run(conn.as_mut(), |conn| conn.graceful_shutdown())
+                .await;
         }
     }
 }
@@ -397,8 +407,7 @@ impl Watch<'_> {
     /// Runs `conn` to its end: at the handshake deadline, unless a session
     /// was upgraded from it, it is dropped; when a shutdown begins, it is
     /// asked to finish gracefully (`graceful`).
-    async fn run<C: Future>(mut self, conn: C, graceful: fn(Pin<&mut C>)) {
-        tokio::pin!(conn);
+    async fn run<C: Future>(mut self, mut conn: Pin<&mut C>, graceful: fn(Pin<&mut C>)) {
         let mut deadline_passed = false;
         loop {
             tokio::select! {
