@@ -77,7 +77,8 @@ impl AsyncWrite for H2Io {
     }
 }
 
-async fn next_json(ws: &mut WebSocketStream<H2Io>) -> Value {
+/// The next text frame as JSON, skipping control frames; fails after [`WAIT`].
+async fn next_json<S: AsyncRead + AsyncWrite + Unpin>(ws: &mut WebSocketStream<S>) -> Value {
     loop {
         match tokio::time::timeout(WAIT, ws.next())
             .await
@@ -472,15 +473,8 @@ async fn a_frame_sent_with_the_upgrade_request_is_read() {
     let mut ws = WebSocketStream::from_raw_socket(tls, Role::Client, None).await;
     let mut kinds = Vec::new();
     while kinds.len() < 2 {
-        let message = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("frames from the server")
-            .expect("an open stream")
-            .unwrap();
-        if let Message::Text(text) = message {
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            kinds.push(frame["type"].as_str().unwrap_or("").to_string());
-        }
+        let frame = next_json(&mut ws).await;
+        kinds.push(frame["type"].as_str().unwrap_or("").to_string());
     }
     assert_eq!(kinds, ["welcome", "joined"]);
 }
@@ -508,14 +502,7 @@ async fn a_session_over_plain_tcp_behind_a_tls_proxy() {
                     .await
                     .unwrap();
             }
-            let text = tokio::time::timeout(WAIT, ws.next())
-                .await
-                .unwrap()
-                .unwrap()
-                .unwrap()
-                .into_text()
-                .unwrap();
-            let value: Value = serde_json::from_str(&text).unwrap();
+            let value = next_json(&mut ws).await;
             kinds.push(value["type"].as_str().unwrap().to_string());
         }
         assert_eq!(kinds, ["welcome", "joined"]);
@@ -527,14 +514,7 @@ async fn a_session_over_plain_tcp_behind_a_tls_proxy() {
         .await
         .unwrap();
     let message = loop {
-        let text = tokio::time::timeout(WAIT, clients[1].next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap();
-        let value: Value = serde_json::from_str(&text).unwrap();
+        let value = next_json(&mut clients[1]).await;
         if value["type"] == "message" {
             break value;
         }
