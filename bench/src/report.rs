@@ -679,6 +679,19 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
             3,
             ok,
         );
+        // The same target at every other load measured: at most Bun's.
+        for rate in fanouts.iter().filter(|v| *v != high) {
+            let (s, w, b) = three("fanout", rate, "/server_cpu/us_per_delivery");
+            line(
+                format!(
+                    "server CPU per delivery at {} offered deliveries/s: ≤ Bun's (µs)",
+                    thousands(&format!("{:.0}", rate_of(rate)))
+                ),
+                (s, w, b),
+                3,
+                le(s, b),
+            );
+        }
     }
     if let Some(low) = fanouts
         .iter()
@@ -1128,4 +1141,69 @@ fn tls_send_buffer(limits: &Value) -> u64 {
         .as_u64()
         .or_else(|| limits["max_write_buffer_bytes"].as_u64())
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn fanout(server: &str, variant: &str, us: f64, delivered: f64) -> Value {
+        json!({
+            "suite_scenario": "fanout",
+            "server": server,
+            "variant": variant,
+            "server_cpu": { "us_per_delivery": us },
+            "window": { "deliveries_per_sec": delivered, "last_recipient": { "p99_ms": 5.0 } },
+        })
+    }
+
+    /// The rows of the targets table whose label starts with `label`.
+    fn rows(results: &Value, label: &str) -> Vec<String> {
+        let mut out = String::new();
+        targets(&mut out, &Runs::new(results), &results["meta"]);
+        out.lines()
+            .filter(|l| l.starts_with(&format!("| {label}")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn cpu_per_delivery_is_checked_against_bun_at_every_load() {
+        let results = json!({
+            "meta": { "servers": ["securechat", "bun"] },
+            "runs": [
+                fanout("securechat", "1000x100000", 3.5, 100_000.0),
+                fanout("bun", "1000x100000", 3.3, 100_000.0),
+                fanout("securechat", "1000x800000", 0.8, 800_000.0),
+                fanout("bun", "1000x800000", 1.2, 800_000.0),
+            ],
+        });
+        let cpu = rows(&results, "server CPU per delivery");
+        assert_eq!(cpu.len(), 2, "{cpu:?}");
+        let high = cpu.iter().find(|r| r.contains("800,000")).unwrap();
+        assert!(
+            high.contains("≤ 1 µs") && high.ends_with("| met |"),
+            "{high}"
+        );
+        let low = cpu.iter().find(|r| r.contains("100,000")).unwrap();
+        assert!(
+            low.contains("| 3.500 |") && low.ends_with("| **missed** |"),
+            "{low}"
+        );
+    }
+
+    #[test]
+    fn a_load_measured_once_gets_one_cpu_row() {
+        let results = json!({
+            "meta": { "servers": ["securechat", "bun"] },
+            "runs": [
+                fanout("securechat", "1000x100000", 3.1, 100_000.0),
+                fanout("bun", "1000x100000", 3.3, 100_000.0),
+            ],
+        });
+        let cpu = rows(&results, "server CPU per delivery");
+        assert_eq!(cpu.len(), 1, "{cpu:?}");
+        assert!(cpu[0].contains("≤ 1 µs"), "{}", cpu[0]);
+    }
 }
