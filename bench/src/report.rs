@@ -1158,28 +1158,26 @@ mod tests {
         })
     }
 
-    /// The rows of the targets table whose label starts with `label`.
-    fn rows(results: &Value, label: &str) -> Vec<String> {
+    /// The CPU-per-delivery rows of the targets table for `runs` of
+    /// securechat and Bun.
+    fn cpu_rows(runs: &[Value]) -> Vec<String> {
+        let results = json!({ "meta": { "servers": ["securechat", "bun"] }, "runs": runs });
         let mut out = String::new();
-        targets(&mut out, &Runs::new(results), &results["meta"]);
+        targets(&mut out, &Runs::new(&results), &results["meta"]);
         out.lines()
-            .filter(|l| l.starts_with(&format!("| {label}")))
+            .filter(|l| l.starts_with("| server CPU per delivery"))
             .map(str::to_owned)
             .collect()
     }
 
     #[test]
     fn cpu_per_delivery_is_checked_against_bun_at_every_load() {
-        let results = json!({
-            "meta": { "servers": ["securechat", "bun"] },
-            "runs": [
-                fanout("securechat", "1000x100000", 3.5, 100_000.0),
-                fanout("bun", "1000x100000", 3.3, 100_000.0),
-                fanout("securechat", "1000x800000", 0.8, 800_000.0),
-                fanout("bun", "1000x800000", 1.2, 800_000.0),
-            ],
-        });
-        let cpu = rows(&results, "server CPU per delivery");
+        let cpu = cpu_rows(&[
+            fanout("securechat", "1000x100000", 3.5, 100_000.0),
+            fanout("bun", "1000x100000", 3.3, 100_000.0),
+            fanout("securechat", "1000x800000", 0.8, 800_000.0),
+            fanout("bun", "1000x800000", 1.2, 800_000.0),
+        ]);
         assert_eq!(cpu.len(), 2, "{cpu:?}");
         let high = cpu.iter().find(|r| r.contains("800,000")).unwrap();
         assert!(
@@ -1195,14 +1193,10 @@ mod tests {
 
     #[test]
     fn a_load_measured_once_gets_one_cpu_row() {
-        let results = json!({
-            "meta": { "servers": ["securechat", "bun"] },
-            "runs": [
-                fanout("securechat", "1000x100000", 3.1, 100_000.0),
-                fanout("bun", "1000x100000", 3.3, 100_000.0),
-            ],
-        });
-        let cpu = rows(&results, "server CPU per delivery");
+        let cpu = cpu_rows(&[
+            fanout("securechat", "1000x100000", 3.1, 100_000.0),
+            fanout("bun", "1000x100000", 3.3, 100_000.0),
+        ]);
         assert_eq!(cpu.len(), 1, "{cpu:?}");
         assert!(cpu[0].contains("≤ 1 µs"), "{}", cpu[0]);
     }
