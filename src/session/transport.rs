@@ -123,10 +123,10 @@ impl Io {
     }
 }
 
-/// Forwards to the stream inside.
+/// Forwards to the stream inside `$of` (an `Io`, by reference).
 macro_rules! each {
-    ($self:ident, $io:ident => $call:expr) => {
-        match $self.get_mut() {
+    ($of:expr, $io:ident => $call:expr) => {
+        match $of {
             Io::Tls($io) => $call,
             Io::Plain($io) => $call,
             Io::Http2($io) => $call,
@@ -140,7 +140,7 @@ impl AsyncRead for Io {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_read(cx, buf))
+        each!(self.get_mut(), io => Pin::new(io).poll_read(cx, buf))
     }
 }
 
@@ -150,7 +150,7 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        each!(self, io => Pin::new(io).poll_write(cx, buf))
+        each!(self.get_mut(), io => Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -158,23 +158,19 @@ impl AsyncWrite for Io {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        each!(self, io => Pin::new(io).poll_write_vectored(cx, bufs))
+        each!(self.get_mut(), io => Pin::new(io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Tls(io) => io.is_write_vectored(),
-            Self::Plain(io) => io.is_write_vectored(),
-            Self::Http2(io) => io.is_write_vectored(),
-        }
+        each!(self, io => io.is_write_vectored())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_flush(cx))
+        each!(self.get_mut(), io => Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        each!(self, io => Pin::new(io).poll_shutdown(cx))
+        each!(self.get_mut(), io => Pin::new(io).poll_shutdown(cx))
     }
 }
 
