@@ -15,7 +15,10 @@
 //! - [`suite`]: starts each server pinned to its core, runs every scenario
 //!   against each in alternation, keeps the medians.
 //! - [`report`]: `docs/benchmarks.md` and the PNG charts.
+//! - [`floor`]: plain TCP sends from one loop or a task per connection, no
+//!   server: what the kernel's send path costs, and what tasks add.
 
+mod floor;
 mod procfs;
 mod report;
 mod scenario;
@@ -55,6 +58,9 @@ enum Command {
     Suite(suite::Args),
     /// Write docs/benchmarks.md and the charts from a results file.
     Report(report::Args),
+    /// Plain TCP sends to many connections, from one loop or a task per
+    /// connection: the kernel's cost per send, and what the tasks add.
+    Floor(floor::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +72,7 @@ fn main() -> ExitCode {
         Command::Slow(args) => scenario::run(scenario::slow::run(args)),
         Command::Suite(args) => suite::run(args),
         Command::Report(args) => report::run(args),
+        Command::Floor(args) => floor::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
