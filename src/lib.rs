@@ -191,10 +191,18 @@ pub async fn start(prepared: Prepared) -> Result<server::Server, StartError> {
     }
     let state = Arc::new(AppState::new(Arc::new(config), keys, hub));
     let (tls_config, certs) = match tls {
-        Some(setup) => (Some(setup.config), Some(setup.store)),
+        Some(setup) => (
+            Some(Arc::new(tls::ServingConfig::new(setup.config))),
+            Some(setup.store),
+        ),
         None => (None, None),
     };
-    let reloader = Arc::new(reload::Reloader::new(state.clone(), certs, from_files));
+    let reloader = Arc::new(reload::Reloader::new(
+        state.clone(),
+        certs,
+        tls_config.clone(),
+        from_files,
+    ));
     Ok(server::Server::new(
         listener,
         metrics_listener,

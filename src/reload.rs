@@ -1,5 +1,6 @@
-//! Rotation without downtime: the certificate chain, its key and the token
-//! verification keys are read again on SIGHUP and when their files change.
+//! Rotation without downtime: the certificate chain, its key, the client CA
+//! (with `tls.client_auth` on) and the token verification keys are read
+//! again on SIGHUP and when their files change.
 //! Renewal tools replace files by rename or symlink swap, so the folders
 //! holding them are watched, not the files. A reload that fails keeps what
 //! is being served and logs why.
@@ -15,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::auth::jwt::KeyRing;
 use crate::state::AppState;
-use crate::tls::CertStore;
+use crate::tls::{CertStore, ServingConfig};
 
 /// How long file events are gathered before one reload.
 const SETTLE: Duration = Duration::from_millis(300);
@@ -25,6 +26,9 @@ pub struct Reloader {
     state: Arc<AppState>,
     /// The serving certificate, when it comes from files.
     certs: Option<Arc<CertStore>>,
+    /// The TLS configuration in service: swapped for one with the client CA
+    /// read again.
+    serving: Option<Arc<ServingConfig>>,
     /// Whether the key files named in the configuration exist (not `--dev`).
     from_files: bool,
 }
@@ -49,18 +53,25 @@ pub struct WatchGuard {
 }
 
 impl Reloader {
-    pub fn new(state: Arc<AppState>, certs: Option<Arc<CertStore>>, from_files: bool) -> Self {
+    pub fn new(
+        state: Arc<AppState>,
+        certs: Option<Arc<CertStore>>,
+        serving: Option<Arc<ServingConfig>>,
+        from_files: bool,
+    ) -> Self {
         Self {
             state,
             certs,
+            serving,
             from_files,
         }
     }
 
-    /// Reads the certificate, its key and the token keys again.
+    /// Reads the certificate, its key, the client CA and the token keys
+    /// again. Each that fails to load keeps what is in service.
     pub fn reload(&self) -> ReloadOutcome {
         let config = &self.state.config;
-        let tls_ok = match (&self.certs, self.from_files) {
+        let cert_ok = match (&self.certs, self.from_files) {
             (Some(store), true) => match store.reload(&config.tls) {
                 Ok(info) => {
                     metrics::counter!("securechat_tls_reloads_total", "result" => "ok")
@@ -90,6 +101,7 @@ impl Reloader {
             },
             _ => true,
         };
+        let tls_ok = cert_ok & self.reload_client_ca();
         let keys_ok = if self.from_files {
             match KeyRing::load(&config.auth) {
                 Ok(keys) => {
@@ -108,11 +120,52 @@ impl Reloader {
         ReloadOutcome { tls_ok, keys_ok }
     }
 
-    /// The certificate, its key and the key files.
+    /// Reads `tls.client_ca` again (when client certificates are asked
+    /// for) and serves a configuration that verifies against it from the
+    /// next handshake on; open connections keep the verdict they had.
+    fn reload_client_ca(&self) -> bool {
+        let tls = &self.state.config.tls;
+        let (Some(serving), Some(store), true) = (&self.serving, &self.certs, self.from_files)
+        else {
+            return true;
+        };
+        if tls.client_auth == crate::config::ClientAuth::Off {
+            return true;
+        }
+        match crate::tls::reload_client_ca(tls, store) {
+            Ok((config, count)) => {
+                serving.store(config);
+                metrics::counter!("securechat_client_ca_reloads_total", "result" => "ok")
+                    .increment(1);
+                info!(
+                    target: crate::telemetry::AUDIT_TARGET,
+                    event = "tls.client_ca_reloaded",
+                    certificates = count,
+                    "verifying client certificates against the reloaded client CA"
+                );
+                true
+            }
+            Err(e) => {
+                metrics::counter!("securechat_client_ca_reloads_total", "result" => "error")
+                    .increment(1);
+                error!(
+                    event = "tls.client_ca_reload_failed",
+                    error = %e,
+                    "client CA reload failed; still verifying against the previous one"
+                );
+                false
+            }
+        }
+    }
+
+    /// The certificate, its key, the client CA and the key files.
     fn watched_files(&self) -> Vec<PathBuf> {
         let config = &self.state.config;
+        let client_ca = (config.tls.client_auth != crate::config::ClientAuth::Off)
+            .then_some(&config.tls.client_ca);
         [&config.tls.cert, &config.tls.key]
             .into_iter()
+            .chain(client_ca)
             .chain(
                 config
                     .auth

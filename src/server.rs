@@ -37,7 +37,8 @@ pub struct Server {
     /// The `/metrics` listener, when enabled.
     metrics: Option<TcpListener>,
     state: Arc<AppState>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    /// The TLS configuration in service (swapped by a reload of the client CA).
+    tls: Option<Arc<crate::tls::ServingConfig>>,
     /// One permit per open connection, up to `limits.max_connections`.
     connections: Arc<Semaphore>,
     /// Permits for answering connections over the cap.
@@ -51,7 +52,7 @@ impl Server {
         listener: TcpListener,
         metrics: Option<TcpListener>,
         state: Arc<AppState>,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        tls: Option<Arc<crate::tls::ServingConfig>>,
         reloader: Arc<Reloader>,
     ) -> Self {
         let max = state.config.limits.max_connections;
@@ -179,7 +180,7 @@ impl Server {
             let Ok(slot) = self.refusals.clone().try_acquire_owned() else {
                 return;
             };
-            let tls = self.tls.clone();
+            let tls = self.tls.as_ref().map(|tls| tls.load_full());
             self.state.tasks.spawn(async move {
                 let _slot = slot;
                 refuse_connection(tcp, tls, Refusal::OverCapacity).await;
@@ -187,9 +188,13 @@ impl Server {
             return;
         };
         let state = self.state.clone();
-        self.state
-            .tasks
-            .spawn(connection(tcp, peer, state, self.tls.clone(), permit));
+        self.state.tasks.spawn(connection(
+            tcp,
+            peer,
+            state,
+            self.tls.as_ref().map(|tls| tls.load_full()),
+            permit,
+        ));
     }
 }
 

@@ -73,6 +73,10 @@ impl CertInfo {
     }
 }
 
+/// The server configuration in service, swapped whole when the client CA
+/// is read again (the serving certificate swaps inside it, [`CertStore`]).
+pub type ServingConfig = arc_swap::ArcSwap<ServerConfig>;
+
 /// A loaded TLS configuration and facts about its leaf certificate.
 pub struct TlsSetup {
     pub config: Arc<ServerConfig>,
@@ -117,12 +121,30 @@ impl ResolvesServerCert for CertStore {
 /// Reads the files named in `[tls]` and builds the server configuration.
 pub fn load(tls: &TlsConfig) -> Result<TlsSetup, TlsError> {
     let (key, leaf) = load_certified(tls)?;
-    let client_roots = match (&tls.client_auth, &tls.client_ca) {
-        (ClientAuth::Off, _) => None,
-        (_, Some(path)) => Some(read_chain(path, "client_ca")?),
-        (_, None) => return Err(err("client_ca", "missing while client_auth is on")),
-    };
-    build(key, leaf, tls.client_auth, client_roots)
+    build(key, leaf, tls.client_auth, read_client_roots(tls)?)
+}
+
+/// The client CA certificates `tls.client_ca` names, when client
+/// certificates are asked for.
+fn read_client_roots(tls: &TlsConfig) -> Result<Option<Vec<CertificateDer<'static>>>, TlsError> {
+    match (&tls.client_auth, &tls.client_ca) {
+        (ClientAuth::Off, _) => Ok(None),
+        (_, Some(path)) => Ok(Some(read_chain(path, "client_ca")?)),
+        (_, None) => Err(err("client_ca", "missing while client_auth is on")),
+    }
+}
+
+/// Reads `tls.client_ca` again and builds a configuration that verifies
+/// client certificates against it, serving the certificate of `store`.
+/// How many CA certificates it holds comes with it.
+pub fn reload_client_ca(
+    tls: &TlsConfig,
+    store: &Arc<CertStore>,
+) -> Result<(Arc<ServerConfig>, usize), TlsError> {
+    let roots = read_client_roots(tls)?;
+    let count = roots.as_ref().map_or(0, Vec::len);
+    let config = server_config(store.clone(), tls.client_auth, roots)?;
+    Ok((Arc::new(config), count))
 }
 
 /// Reads the certificate chain and key and checks that they belong together
@@ -206,6 +228,20 @@ fn build(
     client_auth: ClientAuth,
     client_roots: Option<Vec<CertificateDer<'static>>>,
 ) -> Result<TlsSetup, TlsError> {
+    let store = Arc::new(CertStore::new(key));
+    let config = server_config(store.clone(), client_auth, client_roots)?;
+    Ok(TlsSetup {
+        config: Arc::new(config),
+        leaf,
+        store,
+    })
+}
+
+fn server_config(
+    store: Arc<CertStore>,
+    client_auth: ClientAuth,
+    client_roots: Option<Vec<CertificateDer<'static>>>,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -232,8 +268,7 @@ fn build(
         }
         (_, None) => return Err(err("client_ca", "missing while client_auth is on")),
     };
-    let store = Arc::new(CertStore::new(key));
-    let mut config = builder.with_cert_resolver(store.clone());
+    let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
     // After a TLS 1.3 handshake the server protects the records itself,
@@ -241,11 +276,7 @@ fn build(
     // its key updates (see `tls_stream::Records`). Nothing is logged.
     config.enable_secret_extraction = true;
     config.key_log = Arc::new(crate::tls_stream::CatchSecrets);
-    Ok(TlsSetup {
-        config: Arc::new(config),
-        leaf,
-        store,
-    })
+    Ok(config)
 }
 
 /// Subject, serial and expiry of a DER certificate.

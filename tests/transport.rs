@@ -220,6 +220,49 @@ async fn mtls_optional_accepts_both() {
     assert!(!mtls_session(&server, Some(&server.pki.stranger)).await);
 }
 
+/// Puts `content` in place of the server's `name` file, as renewal tools do
+/// (a rename over it).
+fn replace_file(server: &TestServer, name: &str, content: &str) {
+    let tmp = server.dir.path().join(format!(".{name}.new"));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, server.dir.path().join(name)).unwrap();
+}
+
+#[tokio::test]
+async fn the_client_ca_is_read_again_on_reload() {
+    let server = start_mtls("required").await;
+    assert!(mtls_session(&server, Some(&server.pki.client)).await);
+    assert!(!mtls_session(&server, Some(&server.pki.stranger)).await);
+
+    // The other CA replaces the first: from the next handshake on, its
+    // certificates are the trusted ones.
+    replace_file(&server, "ca.crt", &server.pki.stranger_ca);
+    let outcome = server.reloader.reload();
+    assert!(outcome.tls_ok && outcome.keys_ok);
+    assert!(mtls_session(&server, Some(&server.pki.stranger)).await);
+    assert!(!mtls_session(&server, Some(&server.pki.client)).await);
+    assert!(!mtls_session(&server, None).await, "still required");
+
+    // A file that holds no certificate keeps the CA in service.
+    replace_file(&server, "ca.crt", "not a certificate");
+    assert!(!server.reloader.reload().tls_ok);
+    assert!(mtls_session(&server, Some(&server.pki.stranger)).await);
+
+    // Both CAs in the file, picked up by the file watcher without a reload call.
+    let both = format!("{}{}", server.pki.ca.cert_pem, server.pki.stranger_ca);
+    replace_file(&server, "ca.crt", &both);
+    let mut trusted = false;
+    for _ in 0..100 {
+        if mtls_session(&server, Some(&server.pki.client)).await {
+            trusted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(trusted, "the watcher did not reload the client CA");
+    assert!(mtls_session(&server, Some(&server.pki.stranger)).await);
+}
+
 /// Reads until the server closes the connection; true if it did within WAIT.
 async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin)) -> bool {
     let mut buf = [0u8; 1024];

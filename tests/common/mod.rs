@@ -108,6 +108,8 @@ pub struct Pki {
     pub es_public: String,
     /// A client certificate from a CA the server does not trust.
     pub stranger: PemPair,
+    /// That CA's certificate.
+    pub stranger_ca: String,
     /// The CA itself, to issue more certificates.
     pub authority: DevCa,
 }
@@ -133,6 +135,7 @@ impl Pki {
             es_private: es.serialize_pem(),
             es_public: es.public_key_pem(),
             stranger,
+            stranger_ca: other.pem().cert_pem.clone(),
             authority: ca,
         }
     }
