@@ -182,13 +182,7 @@ pub async fn send(args: &Args, listener: &TcpListener) -> Result<Sent, String> {
         sockets.push(socket);
     }
     let record: Arc<[u8]> = vec![b'x'; args.bytes].into();
-    let me = Proc::me();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
-    let started = Instant::now();
-    let measured_from = Duration::from_secs_f64(args.warmup);
-    let end = Duration::from_secs_f64(args.warmup + args.duration);
-    let mut window: Option<(f64, Instant)> = None;
-    let cpu = || me.cpu_secs().unwrap_or(0.0);
+    let mut pacer = Pacer::new(args);
     let sends = Arc::new(AtomicU64::new(0));
     let mut short = 0;
     match args.mode {
@@ -198,15 +192,7 @@ pub async fn send(args: &Args, listener: &TcpListener) -> Result<Sent, String> {
                 .map(|s| s.into_std())
                 .collect::<Result<_, _>>()
                 .map_err(|e| e.to_string())?;
-            loop {
-                tick.tick().await;
-                if started.elapsed() >= end {
-                    break;
-                }
-                if window.is_none() && started.elapsed() >= measured_from {
-                    window = Some((cpu(), Instant::now()));
-                    sends.store(0, Ordering::Relaxed);
-                }
+            while pacer.next(&sends).await {
                 for mut socket in &sockets {
                     // Non-blocking (tokio set it): one `send(2)`.
                     match std::io::Write::write(&mut socket, &record) {
@@ -238,15 +224,7 @@ pub async fn send(args: &Args, listener: &TcpListener) -> Result<Sent, String> {
                     }
                 }));
             }
-            loop {
-                tick.tick().await;
-                if started.elapsed() >= end {
-                    break;
-                }
-                if window.is_none() && started.elapsed() >= measured_from {
-                    window = Some((cpu(), Instant::now()));
-                    sends.store(0, Ordering::Relaxed);
-                }
+            while pacer.next(&sends).await {
                 for queue in &queues {
                     queue.0.fetch_add(1, Ordering::Relaxed);
                     queue.1.notify_one();
@@ -260,13 +238,56 @@ pub async fn send(args: &Args, listener: &TcpListener) -> Result<Sent, String> {
             }
         }
     }
-    let (cpu_from, from) = window.ok_or("nothing was measured")?;
+    let (cpu_from, from) = pacer.window.ok_or("nothing was measured")?;
     Ok(Sent {
         sends: sends.load(Ordering::Relaxed),
         short,
-        cpu_secs: cpu() - cpu_from,
+        cpu_secs: pacer.cpu() - cpu_from,
         secs: from.elapsed().as_secs_f64(),
     })
+}
+
+/// The sender's clock: a tick per record, the warm-up, then the measured
+/// window (its start: this process's CPU time and the instant).
+struct Pacer {
+    me: Proc,
+    tick: tokio::time::Interval,
+    started: Instant,
+    measured_from: Duration,
+    end: Duration,
+    window: Option<(f64, Instant)>,
+}
+
+impl Pacer {
+    fn new(args: &Args) -> Self {
+        Self {
+            me: Proc::me(),
+            tick: tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate)),
+            started: Instant::now(),
+            measured_from: Duration::from_secs_f64(args.warmup),
+            end: Duration::from_secs_f64(args.warmup + args.duration),
+            window: None,
+        }
+    }
+
+    fn cpu(&self) -> f64 {
+        self.me.cpu_secs().unwrap_or(0.0)
+    }
+
+    /// Waits for the next record's time; false once the run is over. When
+    /// the measured window begins, `sends` starts again from zero.
+    async fn next(&mut self, sends: &AtomicU64) -> bool {
+        self.tick.tick().await;
+        let elapsed = self.started.elapsed();
+        if elapsed >= self.end {
+            return false;
+        }
+        if self.window.is_none() && elapsed >= self.measured_from {
+            self.window = Some((self.cpu(), Instant::now()));
+            sends.store(0, Ordering::Relaxed);
+        }
+        true
+    }
 }
 
 /// Opens `connections` connections to `addr` and reads from all of them
