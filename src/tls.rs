@@ -136,7 +136,9 @@ fn read_client_roots(tls: &TlsConfig) -> Result<Option<Vec<CertificateDer<'stati
 
 /// Reads `tls.client_ca` again and builds a configuration that verifies
 /// client certificates against it, serving the certificate of `store`.
-/// How many CA certificates it holds comes with it.
+/// How many CA certificates it holds comes with it. The configuration
+/// starts with an empty session cache: a resumed session is not checked
+/// against the CA again, so no session made under the previous CA resumes.
 pub fn reload_client_ca(
     tls: &TlsConfig,
     store: &Arc<CertStore>,
