@@ -293,6 +293,10 @@ impl Pacer {
 /// Opens `connections` connections to `addr` and reads from all of them
 /// until each is closed; the bytes read.
 pub async fn receive(addr: SocketAddr, connections: usize) -> Result<u64, String> {
+    // Like every scenario: load only ever goes to this machine.
+    if !addr.ip().is_loopback() {
+        return Err(format!("{addr} is not a loopback address"));
+    }
     let mut readers = Vec::with_capacity(connections);
     for _ in 0..connections {
         let mut socket = TcpStream::connect(addr)
@@ -350,5 +354,12 @@ mod tests {
             assert_eq!(received % args.bytes as u64, 0, "{mode:?}");
             assert!(received >= sent.sends * args.bytes as u64, "{mode:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_receiver_connects_to_loopback_only() {
+        let addr: SocketAddr = "192.0.2.1:9".parse().unwrap();
+        let refused = receive(addr, 1).await.unwrap_err();
+        assert!(refused.contains("not a loopback address"), "{refused}");
     }
 }
