@@ -85,14 +85,6 @@ async fn metrics_describe_the_node_on_their_own_listener() {
     assert_eq!(status, 404);
 }
 
-/// Writes `content` to `name` in `dir` the way renewal tools do: a new file
-/// renamed over the old one.
-fn replace(dir: &std::path::Path, name: &str, content: &str) {
-    let tmp = dir.join(format!(".{name}.new"));
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
 /// Waits until the server presents a certificate with `serial`.
 async fn wait_for_serial(server: &TestServer, serial: &str) -> bool {
     for _ in 0..100 {
@@ -121,8 +113,8 @@ async fn certificates_rotate_when_the_files_change() {
     .unwrap()
     .serial;
     assert_ne!(old_serial, new_serial);
-    replace(server.dir.path(), "server.key", &renewed.key_pem);
-    replace(server.dir.path(), "server.crt", &renewed.cert_pem);
+    common::replace(server.dir.path(), "server.key", &renewed.key_pem);
+    common::replace(server.dir.path(), "server.crt", &renewed.cert_pem);
     assert!(
         wait_for_serial(&server, &new_serial).await,
         "the renewed certificate is served"
@@ -132,7 +124,7 @@ async fn certificates_rotate_when_the_files_change() {
     assert_eq!(open.recv().await["id"], "still");
 
     // A broken file is refused; the renewed certificate stays in service.
-    replace(
+    common::replace(
         server.dir.path(),
         "server.crt",
         "-----BEGIN CERTIFICATE-----\ngarbage\n",
@@ -150,7 +142,7 @@ async fn a_key_that_does_not_match_the_certificate_is_not_loaded() {
     let server = TestServer::start().await;
     let serial = served_serial(&server).await;
     // The client key with the server certificate.
-    replace(server.dir.path(), "server.key", &server.pki.client.key_pem);
+    common::replace(server.dir.path(), "server.key", &server.pki.client.key_pem);
     let outcome = server.reloader.reload();
     assert!(!outcome.tls_ok);
     assert_eq!(served_serial(&server).await, serial);
@@ -161,7 +153,7 @@ async fn token_keys_rotate_on_reload() {
     let server = TestServer::start().await;
     let old_token = server.token("alice");
     let new_secret = securechat::config::Secret::new(common::rand_hex(32).into_bytes());
-    replace(
+    common::replace(
         server.dir.path(),
         "jwt.secret",
         std::str::from_utf8(new_secret.expose()).unwrap(),
@@ -189,7 +181,7 @@ async fn token_keys_rotate_on_reload() {
     let _carol = server.connect(&es_token).await;
 
     // A broken secret file keeps the keys in service.
-    replace(server.dir.path(), "jwt.secret", "short");
+    common::replace(server.dir.path(), "jwt.secret", "short");
     assert!(!server.reloader.reload().keys_ok);
     let _again = server.connect(&new_token).await;
 }

@@ -220,14 +220,6 @@ async fn mtls_optional_accepts_both() {
     assert!(!mtls_session(&server, Some(&server.pki.stranger)).await);
 }
 
-/// Puts `content` in place of the server's `name` file, as renewal tools do
-/// (a rename over it).
-fn replace_file(server: &TestServer, name: &str, content: &str) {
-    let tmp = server.dir.path().join(format!(".{name}.new"));
-    std::fs::write(&tmp, content).unwrap();
-    std::fs::rename(&tmp, server.dir.path().join(name)).unwrap();
-}
-
 #[tokio::test]
 async fn the_client_ca_is_read_again_on_reload() {
     let server = start_mtls("required").await;
@@ -236,7 +228,7 @@ async fn the_client_ca_is_read_again_on_reload() {
 
     // The other CA replaces the first: from the next handshake on, its
     // certificates are the trusted ones.
-    replace_file(&server, "ca.crt", &server.pki.stranger_ca);
+    common::replace(server.dir.path(), "ca.crt", &server.pki.stranger_ca);
     let outcome = server.reloader.reload();
     assert!(outcome.tls_ok && outcome.keys_ok);
     assert!(mtls_session(&server, Some(&server.pki.stranger)).await);
@@ -244,13 +236,13 @@ async fn the_client_ca_is_read_again_on_reload() {
     assert!(!mtls_session(&server, None).await, "still required");
 
     // A file that holds no certificate keeps the CA in service.
-    replace_file(&server, "ca.crt", "not a certificate");
+    common::replace(server.dir.path(), "ca.crt", "not a certificate");
     assert!(!server.reloader.reload().tls_ok);
     assert!(mtls_session(&server, Some(&server.pki.stranger)).await);
 
     // Both CAs in the file, picked up by the file watcher without a reload call.
     let both = format!("{}{}", server.pki.ca.cert_pem, server.pki.stranger_ca);
-    replace_file(&server, "ca.crt", &both);
+    common::replace(server.dir.path(), "ca.crt", &both);
     let mut trusted = false;
     for _ in 0..100 {
         if mtls_session(&server, Some(&server.pki.client)).await {

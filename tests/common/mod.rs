@@ -585,6 +585,14 @@ pub fn write(dir: &Path, name: &str, content: &str) {
     std::fs::write(dir.join(name), content).unwrap();
 }
 
+/// Writes `content` to `name` in `dir` the way renewal tools do: a new file
+/// renamed over the old one.
+pub fn replace(dir: &Path, name: &str, content: &str) {
+    let tmp = dir.join(format!(".{name}.new"));
+    std::fs::write(&tmp, content).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 pub fn rand_hex(bytes: usize) -> String {
     (0..bytes)
         .map(|_| format!("{:02x}", rand::random::<u8>()))
