@@ -131,12 +131,25 @@ async fn measure(args: Args) -> Result<Value, String> {
             return Err(e);
         }
     };
-    // Every connection is closed now: the receiver ends.
-    let output = tokio::task::spawn_blocking(move || receiver.wait_with_output())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("receiver: {e}"))?;
-    let received = String::from_utf8_lossy(&output.stdout)
+    // Every connection is closed now: the receiver prints its count and
+    // ends, within a bound like every run.
+    let stdout = receiver.stdout.take();
+    let read = tokio::task::spawn_blocking(move || {
+        let mut text = String::new();
+        if let Some(mut stdout) = stdout {
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+        }
+        text
+    });
+    let output = tokio::time::timeout(Duration::from_secs(30), read).await;
+    if output.is_err() {
+        let _ = receiver.kill();
+    }
+    let _ = receiver.wait();
+    let output = output
+        .map_err(|_| "the receiver did not finish".to_string())?
+        .map_err(|e| e.to_string())?;
+    let received = output
         .lines()
         .last()
         .and_then(|line| serde_json::from_str::<Value>(line).ok())
