@@ -408,6 +408,9 @@ pub fn write(results: &Value, report: &Path, charts: &Path, notes: &Path) -> Res
             table(&mut out, &runs, scenario, &variant, rows);
         }
     }
+    for variant in runs.variants("pair") {
+        pair_table(&mut out, &runs, &variant);
+    }
     let failures = runs.failures();
     if !failures.is_empty() {
         let _ = writeln!(out, "### Runs that failed\n");
@@ -463,6 +466,99 @@ pub fn write(results: &Value, report: &Path, charts: &Path, notes: &Path) -> Res
     Ok(())
 }
 
+/// The pair runs of one load: per peer, the ratio of securechat's CPU per
+/// delivery to the peer's, run by run.
+fn pair_table(out: &mut String, runs: &Runs, variant: &str) {
+    let peers: Vec<(&str, Vec<&Value>)> = runs
+        .servers
+        .iter()
+        .filter(|s| *s != "securechat")
+        .map(|s| (s.as_str(), runs.matching("pair", variant, s)))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
+    if peers.is_empty() {
+        return;
+    }
+    let (members, rate) = variant.split_once('x').unwrap_or((variant, ""));
+    let rate: f64 = rate.parse().unwrap_or(0.0);
+    let _ = writeln!(
+        out,
+        "### Both at once: {} members, {} deliveries/s offered to each server on the same core
+",
+        thousands(members),
+        thousands(&format!("{:.0}", rate / 2.0))
+    );
+    let _ = writeln!(
+        out,
+        "securechat and one peer run at the same time on the server core, each with a load generator of its own on the load core; which starts first alternates. Whatever the machine does meanwhile, it does to both.\n"
+    );
+    let _ = write!(out, "| |");
+    for (peer, r) in &peers {
+        let _ = write!(out, " securechat and {peer} (n={}) |", r.len());
+    }
+    let _ = write!(out, "\n|---|");
+    for _ in &peers {
+        let _ = write!(out, "---:|");
+    }
+    out.push('\n');
+    let values = |r: &[&Value], pointer: &str| -> Vec<f64> {
+        r.iter()
+            .filter_map(|v| v.pointer(pointer).and_then(Value::as_f64))
+            .collect()
+    };
+    let mut row = |label: &str, cell: &dyn Fn(&[&Value]) -> String| {
+        let _ = write!(out, "| {label} |");
+        for (_, r) in &peers {
+            let _ = write!(out, " {} |", cell(r));
+        }
+        out.push('\n');
+    };
+    row(
+        "**securechat's CPU per delivery over the peer's, median**",
+        &|r| fmt(median(&mut values(r, "/ratio")), 3),
+    );
+    row("runs where securechat's was lower", &|r| {
+        let ratios = values(r, "/ratio");
+        format!(
+            "{} of {}",
+            ratios.iter().filter(|&&x| x < 1.0).count(),
+            ratios.len()
+        )
+    });
+    row("securechat's CPU per delivery, µs", &|r| {
+        fmt(
+            median(&mut values(r, "/securechat/server_cpu/us_per_delivery")),
+            3,
+        )
+    });
+    row("the peer's CPU per delivery, µs", &|r| {
+        fmt(
+            median(&mut values(r, "/peer/server_cpu/us_per_delivery")),
+            3,
+        )
+    });
+    row("securechat's p99 to the last recipient, ms", &|r| {
+        fmt(
+            median(&mut values(r, "/securechat/window/last_recipient/p99_ms")),
+            2,
+        )
+    });
+    row("the peer's p99 to the last recipient, ms", &|r| {
+        fmt(
+            median(&mut values(r, "/peer/window/last_recipient/p99_ms")),
+            2,
+        )
+    });
+    row("every run's ratio, in order", &|r| {
+        values(r, "/ratio")
+            .iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    });
+    out.push('\n');
+}
+
 fn describe(scenario: &str, variant: &str) -> String {
     match scenario {
         "idle" | "capacity" => format!("{} TLS WebSocket connections", thousands(variant)),
@@ -502,9 +598,14 @@ fn header(out: &mut String, meta: &Value) {
     );
     if let Some(updates) = meta["updates"].as_array() {
         for u in updates {
+            // Older updates did not record the machine.
+            let machine = match (u["cpu_model"].as_str(), u["kernel"].as_str()) {
+                (Some(cpu), Some(kernel)) => format!(", on {cpu}, Linux {kernel}"),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 out,
-                "- **Measured again** on {} (securechat commit {}): {}.",
+                "- **Measured again** on {} (securechat commit {}{machine}): {}.",
                 u["date"].as_str().unwrap_or("?"),
                 u["securechat_commit"].as_str().unwrap_or("?"),
                 u["runs"]
@@ -692,6 +793,22 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
                 le(s, b),
             );
         }
+    }
+    // The same comparison with securechat and each peer running at once.
+    for variant in runs.variants("pair") {
+        let ratio = |peer: &str| runs.median("pair", &variant, peer, "/ratio");
+        let rate = rate_of(&variant);
+        line(
+            format!(
+                "server CPU per delivery at {} offered deliveries/s with both at once ({} each on the same core): securechat's over the peer's ≤ 1 against Bun (ratio, median of {})",
+                thousands(&format!("{rate:.0}")),
+                thousands(&format!("{:.0}", rate / 2.0)),
+                runs.matching("pair", &variant, "bun").len()
+            ),
+            (None, ratio("ws"), ratio("bun")),
+            3,
+            ratio("bun").map(|r| r <= 1.0),
+        );
     }
     if let Some(low) = fanouts
         .iter()
@@ -1188,6 +1305,63 @@ mod tests {
         assert!(
             low.contains("| 3.500 |") && low.ends_with("| **missed** |"),
             "{low}"
+        );
+    }
+
+    fn pair(peer: &str, ratio: f64) -> Value {
+        json!({
+            "suite_scenario": "pair",
+            "server": peer,
+            "variant": "1000x100000",
+            "ratio": ratio,
+            "securechat": { "server_cpu": { "us_per_delivery": 3.0 * ratio } },
+            "peer": { "server_cpu": { "us_per_delivery": 3.0 } },
+        })
+    }
+
+    #[test]
+    fn pairs_run_at_once_are_judged_by_their_median_ratio() {
+        let lower = [0.97, 1.01, 0.99, 1.2, 0.98].map(|r| pair("bun", r));
+        let cpu = cpu_rows(&lower);
+        assert_eq!(cpu.len(), 1, "{cpu:?}");
+        assert!(
+            cpu[0].contains("at once") && cpu[0].contains("median of 5"),
+            "{}",
+            cpu[0]
+        );
+        assert!(
+            cpu[0].contains("| 0.990 |") && cpu[0].ends_with("| met |"),
+            "{}",
+            cpu[0]
+        );
+        let higher = [1.03, 0.99, 1.05].map(|r| pair("bun", r));
+        let cpu = cpu_rows(&higher);
+        assert!(
+            cpu[0].contains("| 1.030 |") && cpu[0].ends_with("| **missed** |"),
+            "{}",
+            cpu[0]
+        );
+    }
+
+    #[test]
+    fn the_pair_table_lists_every_run_and_counts_the_lower_ones() {
+        let runs = [pair("bun", 0.95), pair("bun", 1.10), pair("bun", 1.02)];
+        let results = json!({ "meta": { "servers": ["securechat", "ws", "bun"] }, "runs": runs });
+        let mut out = String::new();
+        pair_table(&mut out, &Runs::new(&results), "1000x100000");
+        assert!(out.contains("50,000 deliveries/s"), "{out}");
+        // ws has no pair runs: no column.
+        assert!(!out.contains("and ws"), "{out}");
+        assert!(out.contains("| securechat and bun (n=3) |"), "{out}");
+        assert!(out.contains("over the peer's, median** | 1.020 |"), "{out}");
+        assert!(
+            out.contains("| runs where securechat's was lower | 1 of 3 |"),
+            "{out}"
+        );
+        assert!(out.contains("| 0.950, 1.100, 1.020 |"), "{out}");
+        assert!(
+            out.contains("| the peer's CPU per delivery, µs | 3.000 |"),
+            "{out}"
         );
     }
 

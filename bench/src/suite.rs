@@ -2,6 +2,12 @@
 //! scenario run, pinned to its core, the load generator (a child process of
 //! this one) pinned to the other; servers taken in turn, the order rotated
 //! each repetition; every summary kept, medians reported.
+//!
+//! The `pair` scenario runs securechat and one peer at the same time
+//! instead, both on the server core, each fed half the fan-out load by a
+//! load generator of its own on the load core: whatever the machine does
+//! meanwhile (another tenant, a slower host), it does to both, so their
+//! ratio holds where runs taken in turn drift apart.
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
@@ -24,11 +30,11 @@ pub struct Args {
     /// Servers to measure, in order: securechat, ws, bun.
     #[arg(long, value_delimiter = ',', default_value = "securechat,ws,bun")]
     pub servers: Vec<String>,
-    /// Scenarios to run: idle, capacity, fanout, handshake, slow.
+    /// Scenarios to run: idle, capacity, fanout, handshake, slow, pair.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "idle,capacity,fanout,handshake,slow"
+        default_value = "idle,capacity,fanout,handshake,slow,pair"
     )]
     pub scenarios: Vec<String>,
     /// The securechat binary (built with `cargo build --release`).
@@ -87,6 +93,10 @@ pub struct Args {
     /// (default 15, quick 10).
     #[arg(long)]
     pub slow_stall: Option<f64>,
+    /// Repetitions of the pair scenario with each peer (default 9, quick 2):
+    /// single pairs spread by several per cent, their median far less.
+    #[arg(long)]
+    pub pair_reps: Option<usize>,
     /// Keep the runs already in the results file, except those of the
     /// scenarios and loads run now (to measure one scenario again).
     #[arg(long)]
@@ -135,12 +145,31 @@ pub fn run(args: Args) -> Result<(), String> {
     if args.update {
         results = updated(&args, &plans, results)?;
     }
-    let total = plans.len() * reps * args.servers.len();
+    let pair_reps = args
+        .pair_reps
+        .unwrap_or(if args.quick { 2 } else { 9 })
+        .max(1);
+    let peers = pair_peers(&args.servers);
+    let rounds = |plan: &Plan| {
+        if plan.scenario == "pair" {
+            (pair_reps, peers.clone())
+        } else {
+            (reps, args.servers.clone())
+        }
+    };
+    let total: usize = plans
+        .iter()
+        .map(|p| {
+            let (reps, servers) = rounds(p);
+            reps * servers.len()
+        })
+        .sum();
     let mut done = 0;
     let started = Instant::now();
     for plan in &plans {
+        let (reps, servers) = rounds(plan);
         for rep in 0..reps {
-            let mut order = args.servers.clone();
+            let mut order = servers.clone();
             let turn = rep % order.len().max(1);
             order.rotate_left(turn);
             for server in &order {
@@ -152,8 +181,14 @@ pub fn run(args: Args) -> Result<(), String> {
                     rep + 1,
                     started.elapsed().as_secs_f64()
                 );
-                let (mut record, background, attempts) =
-                    run_quietly(&args, &setup, &work, plan, server);
+                let (mut record, background, attempts) = run_quietly(&args, plan, server, || {
+                    if plan.scenario == "pair" {
+                        // Which of the two starts first alternates.
+                        run_pair(&args, &setup, &work, plan, server, rep % 2 == 0)
+                    } else {
+                        run_one(&args, &setup, &work, plan, server)
+                    }
+                });
                 record["rep"] = json!(rep + 1);
                 record["attempts"] = json!(attempts);
                 record["suite_scenario"] = json!(plan.scenario);
@@ -196,6 +231,8 @@ fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
         "date": fresh["meta"]["date"],
         "runs": plans.iter().map(|p| format!("{} {}", p.scenario, p.variant)).collect::<Vec<_>>(),
         "securechat_commit": fresh["meta"]["securechat_commit"],
+        "cpu_model": fresh["meta"]["cpu_model"],
+        "kernel": fresh["meta"]["kernel"],
     });
     match old["meta"]["updates"].as_array_mut() {
         Some(updates) => updates.push(note),
@@ -204,23 +241,22 @@ fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
     Ok(old)
 }
 
-/// Runs a plan; when other processes took more than `max_background` cores
-/// during the measurement, runs it again (twice at most) and keeps the
-/// quietest attempt. Returns the summary (or the error), the background load
-/// at the start, and the attempts made.
+/// Runs a plan (`run`); when other processes took more than
+/// `max_background` cores during the measurement, runs it again (twice at
+/// most) and keeps the quietest attempt. Returns the summary (or the
+/// error), the background load at the start, and the attempts made.
 fn run_quietly(
     args: &Args,
-    setup: &Setup,
-    work: &Path,
     plan: &Plan,
     server: &str,
+    run: impl Fn() -> Result<Value, String>,
 ) -> (Value, f64, usize) {
     let mut best: Option<(Value, f64)> = None;
     let mut attempts = 0;
     while attempts < 3 {
         attempts += 1;
         let background = wait_quiet(args.max_background);
-        let record = match run_one(args, setup, work, plan, server) {
+        let record = match run() {
             Ok(summary) => summary,
             Err(e) => {
                 eprintln!("    failed: {e}");
@@ -279,6 +315,13 @@ fn print_line(r: &Value) {
             "{:.0} handshakes/s, {:.3} ms server CPU each",
             f("/per_sec"),
             f("/server_cpu/ms_per_handshake")
+        ),
+        "pair" => format!(
+            "securechat {:.2} µs, {} {:.2} µs server CPU per delivery at once: ratio {:.3}",
+            f("/securechat/server_cpu/us_per_delivery"),
+            r["server"].as_str().unwrap_or("?"),
+            f("/peer/server_cpu/us_per_delivery"),
+            f("/ratio")
         ),
         "slow" => format!(
             "p99 {:.2} -> {:.2} ms, server RSS +{:.1} MiB",
@@ -363,6 +406,31 @@ fn plans(args: &Args) -> Vec<Plan> {
                             s(&duration),
                             "--warmup".into(),
                             s(&(if q { 1 } else { 2 })),
+                        ],
+                        budget: Duration::from_secs(90 + duration as u64),
+                    });
+                }
+            }
+            // The lowest fan-out load, halved for each of the two servers;
+            // a longer warm-up so that neither's connections are still being
+            // set up when the other's window begins.
+            "pair" => {
+                if let Some(rate) = rates.iter().copied().reduce(f64::min) {
+                    plans.push(Plan {
+                        scenario: "pair",
+                        variant: format!("{members}x{}", rate.round() as u64),
+                        args: vec![
+                            "fanout".into(),
+                            "--members".into(),
+                            s(&members),
+                            "--senders".into(),
+                            s(&10),
+                            "--rate".into(),
+                            s(&(rate / 2.0 / members as f64)),
+                            "--duration".into(),
+                            s(&duration),
+                            "--warmup".into(),
+                            s(&(if q { 2 } else { 3 })),
                         ],
                         budget: Duration::from_secs(90 + duration as u64),
                     });
@@ -656,84 +724,212 @@ fn run_one(
 ) -> Result<Value, String> {
     let port = free_port()?;
     let mut srv = start_server(args, setup, work, server, port)?;
-    let pid = srv.child.id();
-    let (url, protocol) = match server {
-        "securechat" => (format!("wss://127.0.0.1:{port}/ws"), "securechat"),
-        _ => (format!("wss://127.0.0.1:{port}/"), "raw"),
-    };
-    let mut command = Command::new("taskset");
-    command
-        .arg("-c")
-        .arg(args.load_cpu.to_string())
-        .arg(&setup.exe)
-        .args(&plan.args)
-        .args([
-            "--url",
-            &url,
-            "--protocol",
-            protocol,
-            "--server-name",
-            server,
-        ])
-        .arg("--server-pid")
-        .arg(pid.to_string());
-    if protocol == "securechat" {
-        command.arg("--jwt-secret-file").arg(&setup.secret);
-    }
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start the load generator: {e}"))?;
-    let stdout = child.stdout.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = BufReader::new(stdout).read_to_string(&mut text);
-        text
-    });
+    let load = Load::spawn(args, setup, plan, server, port, srv.child.id())?;
     let deadline = Instant::now() + plan.budget;
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        if let Ok(Some(exit)) = srv.child.try_wait() {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(format!("{server} died ({exit}): {}", tail(&srv.log)));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let text = reader.join().unwrap_or_default();
-    let Some(status) = status else {
-        return Err(format!(
-            "the load generator took longer than {} s and was stopped",
-            plan.budget.as_secs()
-        ));
-    };
-    if !status.success() {
-        return Err(format!(
-            "the load generator failed ({status}); server log: {}",
-            tail(&srv.log)
-        ));
-    }
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{'))
-        .ok_or("the load generator printed no summary")?;
-    let mut summary: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-    let log = std::fs::File::open(&srv.log)
-        .map(|f| BufReader::new(f).lines().count())
-        .unwrap_or(0);
-    summary["server_log_lines"] = json!(log);
+    let summary = load.finish(deadline, &mut [(server, &mut srv)])?;
     drop(srv);
     Ok(summary)
+}
+
+/// securechat and `peer` at once, both on the server core, each with a load
+/// generator of its own running `plan` (half the load) on the load core;
+/// `securechat_first`: which is started first and loaded first.
+fn run_pair(
+    args: &Args,
+    setup: &Setup,
+    work: &Path,
+    plan: &Plan,
+    peer: &str,
+    securechat_first: bool,
+) -> Result<Value, String> {
+    let order = if securechat_first {
+        ["securechat", peer]
+    } else {
+        [peer, "securechat"]
+    };
+    let ports = [free_port()?, free_port()?];
+    if ports[0] == ports[1] {
+        return Err("no two free ports".into());
+    }
+    let mut first = start_server(args, setup, work, order[0], ports[0])?;
+    let mut second = start_server(args, setup, work, order[1], ports[1])?;
+    let deadline = Instant::now() + plan.budget;
+    let load_first = Load::spawn(args, setup, plan, order[0], ports[0], first.child.id())?;
+    let load_second = Load::spawn(args, setup, plan, order[1], ports[1], second.child.id())?;
+    let mut servers = [(order[0], &mut first), (order[1], &mut second)];
+    let first_summary = load_first.finish(deadline, &mut servers);
+    let second_summary = load_second.finish(deadline, &mut servers)?;
+    let first_summary = first_summary?;
+    drop((first, second));
+    let (ours, theirs) = if securechat_first {
+        (first_summary, second_summary)
+    } else {
+        (second_summary, first_summary)
+    };
+    pair_record(ours, theirs, peer, order[0])
+}
+
+/// The record of a pair run: both summaries, the ratio of their CPU per
+/// delivery, and the other processes' CPU as one run would count it.
+fn pair_record(ours: Value, theirs: Value, peer: &str, first: &str) -> Result<Value, String> {
+    let f = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
+    let cpu = "/server_cpu/us_per_delivery";
+    let (Some(a), Some(b)) = (f(&ours, cpu), f(&theirs, cpu)) else {
+        return Err("a summary without server CPU per delivery".into());
+    };
+    if a <= 0.0 || b <= 0.0 {
+        return Err(format!("no deliveries measured ({a} and {b} µs)"));
+    }
+    // Each load generator counts the other server and load generator among
+    // the other processes; take those out.
+    let others = |v: &Value, other: &Value| {
+        let busy = f(other, "/server_cpu/utilisation").unwrap_or(0.0)
+            + f(other, "/load_cpu/utilisation").unwrap_or(0.0);
+        (f(v, "/other_cores").unwrap_or(0.0) - busy).max(0.0)
+    };
+    let noise = others(&ours, &theirs).max(others(&theirs, &ours));
+    Ok(json!({
+        "scenario": "pair",
+        "server": peer,
+        "variant": ours["variant"],
+        "first": first,
+        "ratio": a / b,
+        "other_cores": noise,
+        "securechat": ours,
+        "peer": theirs,
+    }))
+}
+
+/// The peers a pair run sets against securechat: every other server named,
+/// when securechat is among them.
+fn pair_peers(servers: &[String]) -> Vec<String> {
+    if !servers.iter().any(|s| s == "securechat") {
+        return Vec::new();
+    }
+    servers
+        .iter()
+        .filter(|s| *s != "securechat")
+        .cloned()
+        .collect()
+}
+
+/// A load generator running a plan against one server.
+struct Load {
+    child: Child,
+    output: std::thread::JoinHandle<String>,
+    server: String,
+}
+
+impl Load {
+    fn spawn(
+        args: &Args,
+        setup: &Setup,
+        plan: &Plan,
+        server: &str,
+        port: u16,
+        pid: u32,
+    ) -> Result<Self, String> {
+        let (url, protocol) = match server {
+            "securechat" => (format!("wss://127.0.0.1:{port}/ws"), "securechat"),
+            _ => (format!("wss://127.0.0.1:{port}/"), "raw"),
+        };
+        let mut command = Command::new("taskset");
+        command
+            .arg("-c")
+            .arg(args.load_cpu.to_string())
+            .arg(&setup.exe)
+            .args(&plan.args)
+            .args([
+                "--url",
+                &url,
+                "--protocol",
+                protocol,
+                "--server-name",
+                server,
+            ])
+            .arg("--server-pid")
+            .arg(pid.to_string());
+        if protocol == "securechat" {
+            command.arg("--jwt-secret-file").arg(&setup.secret);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start the load generator: {e}"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or("no pipe from the load generator")?;
+        let output = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = BufReader::new(stdout).read_to_string(&mut text);
+            text
+        });
+        Ok(Self {
+            child,
+            output,
+            server: server.to_owned(),
+        })
+    }
+
+    /// Waits until `deadline` for the summary line; stops early (killing
+    /// the load generator) when one of `servers` dies.
+    fn finish(
+        mut self,
+        deadline: Instant,
+        servers: &mut [(&str, &mut Server)],
+    ) -> Result<Value, String> {
+        let child = &mut self.child;
+        let status = loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            for (name, srv) in servers.iter_mut() {
+                if let Ok(Some(exit)) = srv.child.try_wait() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("{name} died ({exit}): {}", tail(&srv.log)));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let text = self.output.join().unwrap_or_default();
+        let Some(status) = status else {
+            return Err(format!(
+                "the load generator against {} took too long and was stopped",
+                self.server
+            ));
+        };
+        let log = servers
+            .iter()
+            .find(|(name, _)| *name == self.server)
+            .map(|(_, srv)| srv.log.clone());
+        if !status.success() {
+            return Err(format!(
+                "the load generator failed ({status}); server log: {}",
+                log.as_deref().map(tail).unwrap_or_default()
+            ));
+        }
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .ok_or("the load generator printed no summary")?;
+        let mut summary: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
+        let lines = log
+            .and_then(|l| std::fs::File::open(l).ok())
+            .map(|f| BufReader::new(f).lines().count())
+            .unwrap_or(0);
+        summary["server_log_lines"] = json!(lines);
+        Ok(summary)
+    }
 }
 
 /// Cores busy over one second, with no server or load running.
@@ -841,4 +1037,86 @@ fn meta(args: &Args, reps: usize, setup: &Setup) -> Value {
         },
         "plans": plans(args).iter().map(|p| json!({"scenario": p.scenario, "args": p.args})).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn summary(us: f64, server_util: f64, load_util: f64, other: f64) -> Value {
+        json!({
+            "variant": "1000x100000",
+            "server_cpu": { "us_per_delivery": us, "utilisation": server_util },
+            "load_cpu": { "utilisation": load_util },
+            "other_cores": other,
+        })
+    }
+
+    #[test]
+    fn a_pair_is_securechat_over_the_peer_with_each_others_cpu_not_counted_as_noise() {
+        let ours = summary(3.6, 0.2, 0.5, 0.75);
+        let theirs = summary(3.0, 0.15, 0.4, 0.8);
+        let r = pair_record(ours, theirs, "bun", "bun").expect("a record");
+        assert!((r["ratio"].as_f64().unwrap() - 1.2).abs() < 1e-9);
+        assert_eq!(r["server"], "bun");
+        assert_eq!(r["first"], "bun");
+        assert_eq!(r["variant"], "1000x100000");
+        // 0.75 - (0.15 + 0.4) = 0.2 and 0.8 - (0.2 + 0.5) = 0.1: the larger.
+        assert!((r["other_cores"].as_f64().unwrap() - 0.2).abs() < 1e-9);
+        assert_eq!(r["securechat"]["server_cpu"]["us_per_delivery"], 3.6);
+        assert_eq!(r["peer"]["server_cpu"]["us_per_delivery"], 3.0);
+    }
+
+    #[test]
+    fn a_pair_without_deliveries_is_an_error() {
+        assert!(
+            pair_record(
+                summary(0.0, 0.0, 0.0, 0.0),
+                summary(3.0, 0.1, 0.1, 0.0),
+                "bun",
+                "bun"
+            )
+            .is_err()
+        );
+        assert!(pair_record(json!({}), summary(3.0, 0.1, 0.1, 0.0), "bun", "securechat").is_err());
+    }
+
+    #[test]
+    fn pairs_set_securechat_against_every_other_server_named() {
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            pair_peers(&names(&["securechat", "ws", "bun"])),
+            ["ws", "bun"]
+        );
+        assert_eq!(pair_peers(&names(&["bun", "securechat"])), ["bun"]);
+        assert!(pair_peers(&names(&["ws", "bun"])).is_empty());
+        assert!(pair_peers(&names(&["securechat"])).is_empty());
+    }
+
+    #[test]
+    fn the_pair_plan_halves_the_lowest_fanout_load() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            suite: Args,
+        }
+        let cli = Cli::parse_from([
+            "x",
+            "--scenarios",
+            "pair",
+            "--fanout-rates",
+            "800000,100000",
+        ]);
+        let plans = plans(&cli.suite);
+        assert_eq!(plans.len(), 1);
+        assert_eq!(plans[0].scenario, "pair");
+        assert_eq!(plans[0].variant, "1000x100000");
+        let rate = plans[0]
+            .args
+            .iter()
+            .position(|a| a == "--rate")
+            .expect("a rate");
+        assert_eq!(plans[0].args[rate + 1], "50");
+    }
 }
