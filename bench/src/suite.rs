@@ -766,12 +766,19 @@ fn run_pair(
     } else {
         (second_summary, first_summary)
     };
-    pair_record(ours, theirs, peer, order[0])
+    pair_record(ours, theirs, peer, order[0], &plan.variant)
 }
 
 /// The record of a pair run: both summaries, the ratio of their CPU per
 /// delivery, and the other processes' CPU as one run would count it.
-fn pair_record(ours: Value, theirs: Value, peer: &str, first: &str) -> Result<Value, String> {
+/// `variant` is the load of both together (each summary names its half).
+fn pair_record(
+    ours: Value,
+    theirs: Value,
+    peer: &str,
+    first: &str,
+    variant: &str,
+) -> Result<Value, String> {
     let f = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_f64);
     let cpu = "/server_cpu/us_per_delivery";
     let (Some(a), Some(b)) = (f(&ours, cpu), f(&theirs, cpu)) else {
@@ -791,7 +798,7 @@ fn pair_record(ours: Value, theirs: Value, peer: &str, first: &str) -> Result<Va
     Ok(json!({
         "scenario": "pair",
         "server": peer,
-        "variant": ours["variant"],
+        "variant": variant,
         "first": first,
         "ratio": a / b,
         "other_cores": noise,
@@ -1045,7 +1052,8 @@ mod tests {
 
     fn summary(us: f64, server_util: f64, load_util: f64, other: f64) -> Value {
         json!({
-            "variant": "1000x100000",
+            // Each load generator's own load: half the pair's.
+            "variant": "1000x50000",
             "server_cpu": { "us_per_delivery": us, "utilisation": server_util },
             "load_cpu": { "utilisation": load_util },
             "other_cores": other,
@@ -1056,7 +1064,7 @@ mod tests {
     fn a_pair_is_securechat_over_the_peer_with_each_others_cpu_not_counted_as_noise() {
         let ours = summary(3.6, 0.2, 0.5, 0.75);
         let theirs = summary(3.0, 0.15, 0.4, 0.8);
-        let r = pair_record(ours, theirs, "bun", "bun").expect("a record");
+        let r = pair_record(ours, theirs, "bun", "bun", "1000x100000").expect("a record");
         assert!((r["ratio"].as_f64().unwrap() - 1.2).abs() < 1e-9);
         assert_eq!(r["server"], "bun");
         assert_eq!(r["first"], "bun");
@@ -1074,11 +1082,21 @@ mod tests {
                 summary(0.0, 0.0, 0.0, 0.0),
                 summary(3.0, 0.1, 0.1, 0.0),
                 "bun",
-                "bun"
+                "bun",
+                "v"
             )
             .is_err()
         );
-        assert!(pair_record(json!({}), summary(3.0, 0.1, 0.1, 0.0), "bun", "securechat").is_err());
+        assert!(
+            pair_record(
+                json!({}),
+                summary(3.0, 0.1, 0.1, 0.0),
+                "bun",
+                "securechat",
+                "v"
+            )
+            .is_err()
+        );
     }
 
     #[test]
