@@ -3,8 +3,8 @@
 # built-in pub/sub, side by side on this machine, and writes
 # docs/benchmarks.md and docs/benchmarks/*.png.
 #
-#   bench/run.sh              the full comparison (about 20 minutes)
-#   QUICK=1 bench/run.sh      small counts and rates (about 2 minutes)
+#   bench/run.sh              the full comparison (about 25 minutes)
+#   QUICK=1 bench/run.sh      small counts and rates (about 3 minutes)
 #
 # Knobs (environment variables):
 #   QUICK=1                 small loads, one repetition

@@ -525,30 +525,30 @@ fn pair_table(out: &mut String, runs: &Runs, variant: &str) {
             ratios.len()
         )
     });
-    row("securechat's CPU per delivery, µs", &|r| {
-        fmt(
-            median(&mut values(r, "/securechat/server_cpu/us_per_delivery")),
+    for (label, pointer, digits) in [
+        (
+            "securechat's CPU per delivery, µs",
+            "/securechat/server_cpu/us_per_delivery",
             3,
-        )
-    });
-    row("the peer's CPU per delivery, µs", &|r| {
-        fmt(
-            median(&mut values(r, "/peer/server_cpu/us_per_delivery")),
+        ),
+        (
+            "the peer's CPU per delivery, µs",
+            "/peer/server_cpu/us_per_delivery",
             3,
-        )
-    });
-    row("securechat's p99 to the last recipient, ms", &|r| {
-        fmt(
-            median(&mut values(r, "/securechat/window/last_recipient/p99_ms")),
+        ),
+        (
+            "securechat's p99 to the last recipient, ms",
+            "/securechat/window/last_recipient/p99_ms",
             2,
-        )
-    });
-    row("the peer's p99 to the last recipient, ms", &|r| {
-        fmt(
-            median(&mut values(r, "/peer/window/last_recipient/p99_ms")),
+        ),
+        (
+            "the peer's p99 to the last recipient, ms",
+            "/peer/window/last_recipient/p99_ms",
             2,
-        )
-    });
+        ),
+    ] {
+        row(label, &|r| fmt(median(&mut values(r, pointer)), digits));
+    }
     row("every run's ratio, in order", &|r| {
         values(r, "/ratio")
             .iter()
@@ -682,7 +682,7 @@ fn header(out: &mut String, meta: &Value) {
     );
     let _ = writeln!(
         out,
-        "Reproduce with `bench/run.sh` (about 20 minutes) or `QUICK=1 bench/run.sh` (about 2); `bench/run.sh --help` lists the knobs.\n"
+        "Reproduce with `bench/run.sh` (about 25 minutes) or `QUICK=1 bench/run.sh` (about 3); `bench/run.sh --help` lists the knobs.\n"
     );
 }
 

@@ -394,19 +394,7 @@ fn plans(args: &Args) -> Vec<Plan> {
                     plans.push(Plan {
                         scenario: "fanout",
                         variant: format!("{members}x{}", rate.round() as u64),
-                        args: vec![
-                            "fanout".into(),
-                            "--members".into(),
-                            s(&members),
-                            "--senders".into(),
-                            s(&10),
-                            "--rate".into(),
-                            s(&(rate / members as f64)),
-                            "--duration".into(),
-                            s(&duration),
-                            "--warmup".into(),
-                            s(&(if q { 1 } else { 2 })),
-                        ],
+                        args: fanout_args(members, *rate, duration, if q { 1 } else { 2 }),
                         budget: Duration::from_secs(90 + duration as u64),
                     });
                 }
@@ -419,19 +407,7 @@ fn plans(args: &Args) -> Vec<Plan> {
                     plans.push(Plan {
                         scenario: "pair",
                         variant: format!("{members}x{}", rate.round() as u64),
-                        args: vec![
-                            "fanout".into(),
-                            "--members".into(),
-                            s(&members),
-                            "--senders".into(),
-                            s(&10),
-                            "--rate".into(),
-                            s(&(rate / 2.0 / members as f64)),
-                            "--duration".into(),
-                            s(&duration),
-                            "--warmup".into(),
-                            s(&(if q { 2 } else { 3 })),
-                        ],
+                        args: fanout_args(members, rate / 2.0, duration, if q { 2 } else { 3 }),
                         budget: Duration::from_secs(90 + duration as u64),
                     });
                 }
@@ -474,6 +450,25 @@ fn plans(args: &Args) -> Vec<Plan> {
         }
     }
     plans
+}
+
+/// The load generator's `fanout` arguments: `members` in one room, 10 of
+/// them sending, `rate` deliveries per second in all.
+fn fanout_args(members: usize, rate: f64, duration: f64, warmup: u64) -> Vec<String> {
+    [
+        "fanout".to_owned(),
+        "--members".into(),
+        members.to_string(),
+        "--senders".into(),
+        "10".into(),
+        "--rate".into(),
+        (rate / members as f64).to_string(),
+        "--duration".into(),
+        duration.to_string(),
+        "--warmup".into(),
+        warmup.to_string(),
+    ]
+    .into()
 }
 
 /// What every run needs: certificates, the JWT secret, the peers' paths.
