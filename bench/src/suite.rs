@@ -815,11 +815,22 @@ fn pair_peers(servers: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// A load generator running a plan against one server.
+/// A load generator running a plan against one server; killed when
+/// dropped before it finished (a run that failed half-way leaves none
+/// behind).
 struct Load {
     child: Child,
-    output: std::thread::JoinHandle<String>,
+    output: Option<std::thread::JoinHandle<String>>,
     server: String,
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }
 
 impl Load {
@@ -871,7 +882,7 @@ impl Load {
         });
         Ok(Self {
             child,
-            output,
+            output: Some(output),
             server: server.to_owned(),
         })
     }
@@ -902,7 +913,11 @@ impl Load {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let text = self.output.join().unwrap_or_default();
+        let text = self
+            .output
+            .take()
+            .and_then(|o| o.join().ok())
+            .unwrap_or_default();
         let Some(status) = status else {
             return Err(format!(
                 "the load generator against {} took too long and was stopped",
