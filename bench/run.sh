@@ -3,7 +3,7 @@
 # built-in pub/sub, side by side on this machine, and writes
 # docs/benchmarks.md and docs/benchmarks/*.png.
 #
-#   bench/run.sh              the full comparison (about 25 minutes)
+#   bench/run.sh              the full comparison (about 30 minutes)
 #   QUICK=1 bench/run.sh      small counts and rates (about 3 minutes)
 #
 # Knobs (environment variables):
@@ -12,6 +12,7 @@
 #   SERVERS=a,b             which servers (default securechat,ws,bun)
 #   SCENARIOS=a,b           which scenarios (default idle,capacity,fanout,handshake,slow,pair)
 #   PAIR_REPS=N             repetitions of the pair scenario with each peer (default 9, quick 2)
+#   PAIR_RATES=a,b          the pair scenario's loads, both servers together (default: the lowest fan-out load and 40000)
 #   IDLE_CONNECTIONS=N      idle scenario (default 10000)
 #   CAPACITY_CONNECTIONS=N  capacity scenario (default 19500)
 #   FANOUT_MEMBERS=N        members of the fan-out room (default 1000)
@@ -57,6 +58,7 @@ args=()
 [ -n "${SERVERS:-}" ] && args+=(--servers "$SERVERS")
 [ -n "${SCENARIOS:-}" ] && args+=(--scenarios "$SCENARIOS")
 [ -n "${PAIR_REPS:-}" ] && args+=(--pair-reps "$PAIR_REPS")
+[ -n "${PAIR_RATES:-}" ] && args+=(--pair-rates "$PAIR_RATES")
 [ -n "${IDLE_CONNECTIONS:-}" ] && args+=(--idle-connections "$IDLE_CONNECTIONS")
 [ -n "${CAPACITY_CONNECTIONS:-}" ] && args+=(--capacity-connections "$CAPACITY_CONNECTIONS")
 [ -n "${FANOUT_MEMBERS:-}" ] && args+=(--fanout-members "$FANOUT_MEMBERS")

@@ -55,7 +55,8 @@ enum Command {
     /// A share of receivers stops reading: server memory and the others' latency.
     Slow(scenario::slow::Args),
     /// Run every scenario against securechat and each peer, write the report.
-    Suite(suite::Args),
+    // Boxed: its options outweigh every other command's.
+    Suite(Box<suite::Args>),
     /// Write docs/benchmarks.md and the charts from a results file.
     Report(report::Args),
     /// Plain TCP sends to many connections, from one loop or a task per
@@ -70,7 +71,7 @@ fn main() -> ExitCode {
         Command::Fanout(args) => scenario::run(scenario::fanout::run(args)),
         Command::Handshake(args) => scenario::run(scenario::handshake::run(args)),
         Command::Slow(args) => scenario::run(scenario::slow::run(args)),
-        Command::Suite(args) => suite::run(args),
+        Command::Suite(args) => suite::run(*args),
         Command::Report(args) => report::run(args),
         Command::Floor(args) => floor::run(args),
     };

@@ -97,6 +97,12 @@ pub struct Args {
     /// single pairs spread by several per cent, their median far less.
     #[arg(long)]
     pub pair_reps: Option<usize>,
+    /// Offered deliveries per second of the pair scenario, both servers
+    /// together, comma-separated (default: the lowest fan-out load and
+    /// 40000, at which a pair's two load generators keep up on one core;
+    /// quick: the lowest fan-out load).
+    #[arg(long, value_delimiter = ',')]
+    pub pair_rates: Vec<f64>,
     /// Keep the runs already in the results file, except those of the
     /// scenarios and loads run now (to measure one scenario again).
     #[arg(long)]
@@ -399,11 +405,11 @@ fn plans(args: &Args) -> Vec<Plan> {
                     });
                 }
             }
-            // The lowest fan-out load, halved for each of the two servers;
-            // a longer warm-up so that neither's connections are still being
-            // set up when the other's window begins.
+            // Each load halved for each of the two servers; a longer
+            // warm-up so that neither's connections are still being set up
+            // when the other's window begins.
             "pair" => {
-                if let Some(rate) = rates.iter().copied().reduce(f64::min) {
+                for rate in pair_rates(args, &rates) {
                     plans.push(Plan {
                         scenario: "pair",
                         variant: format!("{members}x{}", rate.round() as u64),
@@ -450,6 +456,24 @@ fn plans(args: &Args) -> Vec<Plan> {
         }
     }
     plans
+}
+
+/// The pair scenario's loads: as given, or the lowest fan-out load and
+/// (not quick) 40,000/s.
+fn pair_rates(args: &Args, fanout_rates: &[f64]) -> Vec<f64> {
+    if !args.pair_rates.is_empty() {
+        return args.pair_rates.clone();
+    }
+    let mut rates: Vec<f64> = fanout_rates
+        .iter()
+        .copied()
+        .reduce(f64::min)
+        .into_iter()
+        .collect();
+    if !args.quick && !rates.contains(&40_000.0) {
+        rates.push(40_000.0);
+    }
+    rates
 }
 
 /// The load generator's `fanout` arguments: `members` in one room, 10 of
@@ -1121,30 +1145,45 @@ mod tests {
         assert!(pair_peers(&names(&["securechat"])).is_empty());
     }
 
-    #[test]
-    fn the_pair_plan_halves_the_lowest_fanout_load() {
+    /// The pair plans for these command-line arguments: (variant, the
+    /// `--rate` each load generator is given).
+    fn pair_plans(cli: &[&str]) -> Vec<(String, String)> {
         use clap::Parser;
         #[derive(clap::Parser)]
         struct Cli {
             #[command(flatten)]
             suite: Args,
         }
-        let cli = Cli::parse_from([
-            "x",
-            "--scenarios",
-            "pair",
-            "--fanout-rates",
-            "800000,100000",
-        ]);
-        let plans = plans(&cli.suite);
-        assert_eq!(plans.len(), 1);
-        assert_eq!(plans[0].scenario, "pair");
-        assert_eq!(plans[0].variant, "1000x100000");
-        let rate = plans[0]
-            .args
-            .iter()
-            .position(|a| a == "--rate")
-            .expect("a rate");
-        assert_eq!(plans[0].args[rate + 1], "50");
+        let cli = Cli::parse_from(["x", "--scenarios", "pair"].iter().chain(cli));
+        plans(&cli.suite)
+            .into_iter()
+            .map(|p| {
+                assert_eq!(p.scenario, "pair");
+                let rate = p.args.iter().position(|a| a == "--rate").expect("a rate");
+                (p.variant, p.args[rate + 1].clone())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_pair_plans_halve_the_lowest_fanout_load_and_40000() {
+        let pairs = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            pair_plans(&["--fanout-rates", "800000,100000"]),
+            pairs(&[("1000x100000", "50"), ("1000x40000", "20")])
+        );
+        assert_eq!(
+            pair_plans(&["--fanout-rates", "40000"]),
+            pairs(&[("1000x40000", "20")])
+        );
+        assert_eq!(pair_plans(&["--quick"]), pairs(&[("200x20000", "50")]));
+        assert_eq!(
+            pair_plans(&["--pair-rates", "60000"]),
+            pairs(&[("1000x60000", "30")])
+        );
     }
 }
