@@ -743,7 +743,7 @@ fn run_one(
 ) -> Result<Value, String> {
     let port = free_port()?;
     let mut srv = start_server(args, setup, work, server, port)?;
-    let load = Load::spawn(args, setup, plan, server, port, srv.child.id())?;
+    let load = Load::spawn(args, setup, plan, server, port, &srv)?;
     let deadline = Instant::now() + plan.budget;
     let summary = load.finish(deadline, &mut [(server, &mut srv)])?;
     drop(srv);
@@ -773,8 +773,8 @@ fn run_pair(
     let mut first = start_server(args, setup, work, order[0], ports[0])?;
     let mut second = start_server(args, setup, work, order[1], ports[1])?;
     let deadline = Instant::now() + plan.budget;
-    let load_first = Load::spawn(args, setup, plan, order[0], ports[0], first.child.id())?;
-    let load_second = Load::spawn(args, setup, plan, order[1], ports[1], second.child.id())?;
+    let load_first = Load::spawn(args, setup, plan, order[0], ports[0], &first)?;
+    let load_second = Load::spawn(args, setup, plan, order[1], ports[1], &second)?;
     let mut servers = [(order[0], &mut first), (order[1], &mut second)];
     let first_summary = load_first.finish(deadline, &mut servers);
     let second_summary = load_second.finish(deadline, &mut servers)?;
@@ -846,6 +846,8 @@ struct Load {
     child: Child,
     output: Option<std::thread::JoinHandle<String>>,
     server: String,
+    /// The server's log, for the error of a failed run and the line count.
+    log: PathBuf,
 }
 
 impl Drop for Load {
@@ -864,7 +866,7 @@ impl Load {
         plan: &Plan,
         server: &str,
         port: u16,
-        pid: u32,
+        srv: &Server,
     ) -> Result<Self, String> {
         let (url, protocol) = match server {
             "securechat" => (format!("wss://127.0.0.1:{port}/ws"), "securechat"),
@@ -885,7 +887,7 @@ impl Load {
                 server,
             ])
             .arg("--server-pid")
-            .arg(pid.to_string());
+            .arg(srv.child.id().to_string());
         if protocol == "securechat" {
             command.arg("--jwt-secret-file").arg(&setup.secret);
         }
@@ -908,6 +910,7 @@ impl Load {
             child,
             output: Some(output),
             server: server.to_owned(),
+            log: srv.log.clone(),
         })
     }
 
@@ -948,14 +951,10 @@ impl Load {
                 self.server
             ));
         };
-        let log = servers
-            .iter()
-            .find(|(name, _)| *name == self.server)
-            .map(|(_, srv)| srv.log.clone());
         if !status.success() {
             return Err(format!(
                 "the load generator failed ({status}); server log: {}",
-                log.as_deref().map(tail).unwrap_or_default()
+                tail(&self.log)
             ));
         }
         let line = text
@@ -964,8 +963,7 @@ impl Load {
             .find(|l| l.starts_with('{'))
             .ok_or("the load generator printed no summary")?;
         let mut summary: Value = serde_json::from_str(line).map_err(|e| e.to_string())?;
-        let lines = log
-            .and_then(|l| std::fs::File::open(l).ok())
+        let lines = std::fs::File::open(&self.log)
             .map(|f| BufReader::new(f).lines().count())
             .unwrap_or(0);
         summary["server_log_lines"] = json!(lines);
