@@ -61,11 +61,12 @@ struct Member {
 #[derive(Default)]
 struct LocalRoom {
     /// By session id, which grows with every connection accepted: a fan-out
-    /// visits the members (and wakes their writers, which run in that
-    /// order) in the order their connections were set up, which is the
-    /// order their memory was allocated in, in this process and in the
-    /// kernel. Consecutive deliveries then touch neighbouring memory; in a
-    /// hash map's order every delivery started somewhere else.
+    /// visits the members (and wakes their writers, which tokio runs in
+    /// about that order) in the order their connections were set up, which
+    /// is by and large the order their memory was allocated in, in this
+    /// process and in the kernel. Consecutive deliveries then touch
+    /// neighbouring memory; in a hash map's order every delivery started
+    /// somewhere else.
     members: Mutex<BTreeMap<u64, Member>>,
     /// Set once the broker delivers this room's events to this node.
     subscribed: OnceCell<()>,
