@@ -479,8 +479,7 @@ fn pair_table(out: &mut String, runs: &Runs, variant: &str) {
     if peers.is_empty() {
         return;
     }
-    let (members, rate) = variant.split_once('x').unwrap_or((variant, ""));
-    let rate: f64 = rate.parse().unwrap_or(0.0);
+    let (members, rate) = members_and_rate(variant);
     let _ = writeln!(
         out,
         "### Both at once: {} members, {} deliveries/s offered to each server on the same core
@@ -559,15 +558,22 @@ fn pair_table(out: &mut String, runs: &Runs, variant: &str) {
     out.push('\n');
 }
 
+/// A fan-out variant's members and offered deliveries per second
+/// (`1000x100000`).
+fn members_and_rate(variant: &str) -> (&str, f64) {
+    let (members, rate) = variant.split_once('x').unwrap_or((variant, ""));
+    (members, rate.parse().unwrap_or(0.0))
+}
+
 fn describe(scenario: &str, variant: &str) -> String {
     match scenario {
         "idle" | "capacity" => format!("{} TLS WebSocket connections", thousands(variant)),
         "fanout" | "slow" => {
-            let (members, rate) = variant.split_once('x').unwrap_or((variant, ""));
+            let (members, rate) = members_and_rate(variant);
             format!(
                 "{} members, {} deliveries/s offered",
                 thousands(members),
-                thousands(rate)
+                thousands(&format!("{rate:.0}"))
             )
         }
         "handshake" => format!("{} handshakes in flight", variant.trim_start_matches('c')),
@@ -758,11 +764,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
     }
     // CPU per delivery and latency.
     let fanouts = runs.variants("fanout");
-    let rate_of = |v: &str| {
-        v.split_once('x')
-            .and_then(|(_, r)| r.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
+    let rate_of = |v: &str| members_and_rate(v).1;
     if let Some(high) = fanouts
         .iter()
         .max_by(|a, b| rate_of(a).total_cmp(&rate_of(b)))
