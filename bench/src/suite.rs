@@ -852,14 +852,19 @@ struct Load {
 
 impl Drop for Load {
     fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Load {
+    /// Kills the load generator unless it has ended.
+    fn stop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
     }
-}
 
-impl Load {
     fn spawn(
         args: &Args,
         setup: &Setup,
@@ -921,20 +926,17 @@ impl Load {
         deadline: Instant,
         servers: &mut [(&str, &mut Server)],
     ) -> Result<Value, String> {
-        let child = &mut self.child;
         let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
                 break Some(status);
             }
             if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
+                self.stop();
                 break None;
             }
             for (name, srv) in servers.iter_mut() {
                 if let Ok(Some(exit)) = srv.child.try_wait() {
-                    let _ = child.kill();
-                    let _ = child.wait();
+                    // Returning drops `self`, which stops the load generator.
                     return Err(format!("{name} died ({exit}): {}", tail(&srv.log)));
                 }
             }
