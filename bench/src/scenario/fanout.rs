@@ -148,6 +148,28 @@ pub fn pacing(rate: f64, senders: usize, index: usize) -> (Duration, Duration) {
     (period, offset)
 }
 
+/// A sender's first send: the first time at or after `now` that lies on its
+/// slot of the schedule every sender shares (`base + offset`, then every
+/// `period`). Senders connect one by one, at times that differ by up to a
+/// handshake queue's length; counted from when each connected, their sends
+/// would bunch in some runs and spread in others, and the messages a
+/// server can join into one write with them.
+pub fn first_send(
+    base: tokio::time::Instant,
+    period: Duration,
+    offset: Duration,
+    now: tokio::time::Instant,
+) -> tokio::time::Instant {
+    let first = base + offset;
+    let behind = now.saturating_duration_since(first);
+    if behind.is_zero() || period.is_zero() {
+        return first.max(now);
+    }
+    let periods = behind.as_nanos().div_ceil(period.as_nanos());
+    let late = period.as_nanos().saturating_mul(periods);
+    first + Duration::from_nanos(u64::try_from(late).unwrap_or(u64::MAX))
+}
+
 /// Connects every member with the role `role_of(index)` gives it.
 pub async fn connect_with_roles(
     room: &Arc<Room>,
@@ -158,6 +180,8 @@ pub async fn connect_with_roles(
 ) -> super::Connected {
     let rate = args.rate;
     let room2 = room.clone();
+    // Every sender's schedule counts from here, whenever it connects.
+    let base = tokio::time::Instant::now();
     super::connect_members(
         &room.target,
         0..args.members,
@@ -168,7 +192,8 @@ pub async fn connect_with_roles(
             let role = role_of(index);
             // They send nothing until the room leaves its set-up phase.
             let (period, offset) = pacing(rate, senders, index);
-            room.member(ws, role, period, tokio::time::Instant::now() + offset)
+            let first = first_send(base, period, offset, tokio::time::Instant::now());
+            room.member(ws, role, period, first)
         },
     )
     .await
@@ -193,6 +218,40 @@ mod tests {
                 assert!((offset.as_secs_f64() - step * i as f64).abs() < 1e-9);
                 assert!(*offset < period);
             }
+        }
+    }
+
+    #[test]
+    fn senders_keep_their_slots_of_one_schedule_whenever_they_connect() {
+        let base = tokio::time::Instant::now();
+        let period = Duration::from_millis(100);
+        for (offset_ms, connected_ms, first_ms) in [
+            (30, 0, 30),    // connected before its slot: the slot itself
+            (30, 30, 30),   // exactly on it
+            (30, 31, 130),  // just after: the next period's slot
+            (30, 245, 330), // several periods late
+            (0, 200, 200),  // on a later slot exactly
+        ] {
+            let ms = Duration::from_millis;
+            let first = first_send(base, period, ms(offset_ms), base + ms(connected_ms));
+            assert_eq!(
+                first - base,
+                ms(first_ms),
+                "offset {offset_ms}, connected {connected_ms}"
+            );
+        }
+        // Ten senders connecting at scattered times still send 10 ms apart.
+        let mut firsts: Vec<Duration> = (0..10)
+            .map(|i| {
+                let (period, offset) = pacing(100.0, 10, i);
+                let connected = base + Duration::from_millis((i as u64 * 37) % 90);
+                (first_send(base, period, offset, connected) - base).as_nanos() as u64 % 100_000_000
+            })
+            .map(Duration::from_nanos)
+            .collect();
+        firsts.sort();
+        for (i, at) in firsts.iter().enumerate() {
+            assert!(at.abs_diff(Duration::from_millis(10 * i as u64)) < Duration::from_micros(1));
         }
     }
 
