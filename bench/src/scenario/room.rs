@@ -8,7 +8,7 @@
 //! the message was sent in.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
@@ -66,6 +66,10 @@ pub struct Room {
     duplicates: [AtomicU64; PHASES],
     /// Every delivery to a measured member, by the phase it was sent in.
     latency: [Mutex<Histogram<u64>>; PHASES],
+    /// How late each send was against its sender's schedule, by phase:
+    /// a load generator that cannot keep its schedule offers a different
+    /// load (bunched messages) from the one asked for.
+    lateness: [Mutex<Histogram<u64>>; PHASES],
     /// Per message: measured recipients so far, the largest latency (ns),
     /// the phase it was sent in.
     per_message: Vec<(AtomicU32, AtomicU64, AtomicU8)>,
@@ -92,6 +96,7 @@ impl Room {
             arrived: Default::default(),
             duplicates: Default::default(),
             latency: std::array::from_fn(|_| Mutex::new(stats::histogram())),
+            lateness: std::array::from_fn(|_| Mutex::new(stats::histogram())),
             per_message: (0..capacity)
                 .map(|_| (AtomicU32::new(0), AtomicU64::new(0), AtomicU8::new(u8::MAX)))
                 .collect(),
@@ -178,12 +183,19 @@ impl Room {
         }
     }
 
-    /// The next frame to send, and its phase; `None` once draining.
-    fn next_frame(&self) -> Option<tokio_tungstenite::tungstenite::Utf8Bytes> {
+    /// The next frame to send, due at `due`; `None` once draining.
+    fn next_frame(
+        &self,
+        due: tokio::time::Instant,
+    ) -> Option<tokio_tungstenite::tungstenite::Utf8Bytes> {
         let phase = self.phase.load(Ordering::Acquire);
         if phase >= DRAIN {
             return None;
         }
+        stats::record_ns(
+            &mut self.lateness[phase as usize].lock().expect("not poisoned"),
+            due.elapsed().as_nanos() as u64,
+        );
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         if let Some((_, _, p)) = self.per_message.get(seq as usize) {
             p.store(phase, Ordering::Relaxed);
@@ -213,7 +225,7 @@ impl Room {
         // stream still answers pings itself.
         let (mut stream, writer) = if role == Role::Sender {
             let (sink, stream) = ws.split();
-            let writer = tokio::spawn(self.clone().send_loop(sink, period, first));
+            let writer = pacer().spawn(self.clone().send_loop(sink, period, first));
             (Either::Left(stream), Some(writer))
         } else {
             (Either::Right(ws), None)
@@ -279,8 +291,8 @@ impl Room {
             tokio::select! {
                 biased;
                 _ = &mut stopped => return,
-                _ = tick.tick() => {
-                    if let Some(frame) = self.next_frame()
+                due = tick.tick() => {
+                    if let Some(frame) = self.next_frame(due)
                         && sink.send(Message::Text(frame)).await.is_err()
                     {
                         self.send_errors.fetch_add(1, Ordering::Relaxed);
@@ -334,6 +346,7 @@ impl Room {
             "latency": self.latency(phase),
             "last_recipient": last,
             "incomplete_messages": incomplete,
+            "send_lateness": Latency::of(&self.lateness[phase as usize].lock().expect("not poisoned")),
         })
     }
 
@@ -370,6 +383,31 @@ impl Room {
         }
         started.elapsed().as_secs_f64()
     }
+}
+
+/// The scheduler the senders run on: a thread of its own. On the
+/// receivers' scheduler a sender woken by its timer is queued behind every
+/// receiver that has data, a whole fan-out's worth at a time when the
+/// deliveries arrive in a dense burst, and its sends bunch up (by several
+/// milliseconds, more with servers that deliver in denser bursts). A server
+/// can join bunched messages into one write per recipient, so the load
+/// offered would depend on the server measured. On a thread of their own
+/// the kernel runs the senders when their time comes, whatever the
+/// receivers are doing.
+fn pacer() -> &'static tokio::runtime::Handle {
+    static PACER: OnceLock<tokio::runtime::Handle> = OnceLock::new();
+    PACER.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the senders");
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("senders".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .expect("a thread for the senders");
+        handle
+    })
 }
 
 /// A message body: `seq:sent_at_ns:phase:padding`.
