@@ -19,7 +19,7 @@
 #   FANOUT_RATES=a,b        offered deliveries/s (default 100000,800000)
 #   DURATION=S              seconds per measured window (default 10)
 #   SERVER_CPU=0 LOAD_CPU=1 the cores the servers and the load generator get
-#   UPDATE=1                keep the other runs of the last results, replace these
+#   UPDATE=1                keep the other runs of the last results, replace these (of these servers)
 #   SKIP_BUILD=1            use the binaries already in target/release
 #   SKIP_INSTALL=1          do not run bench/peers/install.sh
 #

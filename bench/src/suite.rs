@@ -104,7 +104,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     pub pair_rates: Vec<f64>,
     /// Keep the runs already in the results file, except those of the
-    /// scenarios and loads run now (to measure one scenario again).
+    /// scenarios, loads and servers run now (to measure one scenario, or
+    /// one server in it, again).
     #[arg(long)]
     pub update: bool,
     /// Most CPU (in cores) other processes may use before a run; the suite
@@ -217,18 +218,32 @@ pub fn run(args: Args) -> Result<(), String> {
     args.files.write(&results)
 }
 
-/// The results file as it is, without the runs of `plans`, and noted as
-/// updated in its meta.
+/// The results file as it is, without the runs of `plans` against the
+/// servers run now, and noted as updated in its meta.
 fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
     let Ok(text) = std::fs::read_to_string(&args.files.results) else {
         return Ok(fresh);
     };
-    let mut old: Value = serde_json::from_str(&text)
+    let old: Value = serde_json::from_str(&text)
         .map_err(|e| format!("{}: {e}", args.files.results.display()))?;
+    Ok(without_replaced(old, &fresh, plans, &args.servers))
+}
+
+/// `old` without the runs that `plans` against `servers` replace (a pair's
+/// run is named by its peer), and noted as updated by `fresh`'s run.
+fn without_replaced(mut old: Value, fresh: &Value, plans: &[Plan], servers: &[String]) -> Value {
+    let peers = pair_peers(servers);
     let replaced = |r: &Value| {
-        plans
-            .iter()
-            .any(|p| r["suite_scenario"] == p.scenario && r["variant"] == p.variant.as_str())
+        plans.iter().any(|p| {
+            let run = if p.scenario == "pair" {
+                &peers
+            } else {
+                servers
+            };
+            r["suite_scenario"] == p.scenario
+                && r["variant"] == p.variant.as_str()
+                && run.iter().any(|s| r["server"] == s.as_str())
+        })
     };
     if let Some(runs) = old["runs"].as_array_mut() {
         runs.retain(|r| !replaced(r));
@@ -236,6 +251,7 @@ fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
     let note = json!({
         "date": fresh["meta"]["date"],
         "runs": plans.iter().map(|p| format!("{} {}", p.scenario, p.variant)).collect::<Vec<_>>(),
+        "servers": servers,
         "securechat_commit": fresh["meta"]["securechat_commit"],
         "cpu_model": fresh["meta"]["cpu_model"],
         "kernel": fresh["meta"]["kernel"],
@@ -244,7 +260,7 @@ fn updated(args: &Args, plans: &[Plan], fresh: Value) -> Result<Value, String> {
         Some(updates) => updates.push(note),
         None => old["meta"]["updates"] = json!([note]),
     }
-    Ok(old)
+    old
 }
 
 /// Runs a plan (`run`); when other processes took more than
@@ -1143,6 +1159,52 @@ mod tests {
         assert_eq!(pair_peers(&names(&["bun", "securechat"])), ["bun"]);
         assert!(pair_peers(&names(&["ws", "bun"])).is_empty());
         assert!(pair_peers(&names(&["securechat"])).is_empty());
+    }
+
+    #[test]
+    fn an_update_replaces_only_the_runs_of_the_scenarios_loads_and_servers_run_again() {
+        let plan = |scenario: &'static str, variant: &str| Plan {
+            scenario,
+            variant: variant.into(),
+            args: Vec::new(),
+            budget: Duration::from_secs(1),
+        };
+        let run = |scenario: &str, variant: &str, server: &str| json!({ "suite_scenario": scenario, "variant": variant, "server": server });
+        let old = json!({
+            "meta": {},
+            "runs": [
+                run("fanout", "1000x100000", "securechat"),
+                run("fanout", "1000x100000", "ws"),
+                run("fanout", "1000x100000", "bun"),
+                run("fanout", "1000x800000", "bun"),
+                run("pair", "1000x40000", "ws"),
+                run("pair", "1000x40000", "bun"),
+                run("idle", "10000", "bun"),
+            ]
+        });
+        let fresh = json!({ "meta": { "date": "now" } });
+        let plans = [plan("fanout", "1000x100000"), plan("pair", "1000x40000")];
+        let servers = ["securechat".to_string(), "bun".to_string()];
+        let kept = without_replaced(old, &fresh, &plans, &servers);
+        let left: Vec<String> = kept["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| format!("{} {} {}", r["suite_scenario"], r["variant"], r["server"]))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                r#""fanout" "1000x100000" "ws""#,
+                r#""fanout" "1000x800000" "bun""#,
+                r#""pair" "1000x40000" "ws""#,
+                r#""idle" "10000" "bun""#,
+            ]
+        );
+        assert_eq!(
+            kept["meta"]["updates"][0]["servers"],
+            json!(["securechat", "bun"])
+        );
     }
 
     /// The pair plans for these command-line arguments: (variant, the
