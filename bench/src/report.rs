@@ -609,9 +609,17 @@ fn header(out: &mut String, meta: &Value) {
                 (Some(cpu), Some(kernel)) => format!(", on {cpu}, Linux {kernel}"),
                 _ => String::new(),
             };
+            // Older updates replaced every server's runs of their loads.
+            let servers = u["servers"]
+                .as_array()
+                .map(|s| {
+                    let names: Vec<&str> = s.iter().filter_map(Value::as_str).collect();
+                    format!(" (against {})", names.join(", "))
+                })
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "- **Measured again** on {} (securechat commit {}{machine}): {}.",
+                "- **Measured again** on {} (securechat commit {}{machine}): {}{servers}.",
                 u["date"].as_str().unwrap_or("?"),
                 u["securechat_commit"].as_str().unwrap_or("?"),
                 u["runs"]
@@ -1287,6 +1295,33 @@ mod tests {
             .filter(|l| l.starts_with("| server CPU per delivery"))
             .map(str::to_owned)
             .collect()
+    }
+
+    #[test]
+    fn the_header_names_what_each_update_measured_again() {
+        let meta = json!({
+            "updates": [
+                { "date": "then", "securechat_commit": "abc", "runs": ["pair 1000x40000"] },
+                {
+                    "date": "now",
+                    "securechat_commit": "def",
+                    "runs": ["fanout 1000x100000", "pair 1000x40000"],
+                    "servers": ["securechat", "bun"],
+                },
+            ]
+        });
+        let mut out = String::new();
+        header(&mut out, &meta);
+        assert!(
+            out.contains(
+                "- **Measured again** on then (securechat commit abc): pair 1000x40000.\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("- **Measured again** on now (securechat commit def): fanout 1000x100000, pair 1000x40000 (against securechat, bun).\n"),
+            "{out}"
+        );
     }
 
     #[test]
