@@ -142,6 +142,18 @@ struct Plan {
     budget: Duration,
 }
 
+impl Plan {
+    /// Whom this plan runs against, of the servers named: a pair's runs
+    /// are named by the peer set against securechat (`peers`).
+    fn servers<'a>(&self, servers: &'a [String], peers: &'a [String]) -> &'a [String] {
+        if self.scenario == "pair" {
+            peers
+        } else {
+            servers
+        }
+    }
+}
+
 pub fn run(args: Args) -> Result<(), String> {
     let reps = args.reps.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let plans = plans(&args);
@@ -158,11 +170,12 @@ pub fn run(args: Args) -> Result<(), String> {
         .max(1);
     let peers = pair_peers(&args.servers);
     let rounds = |plan: &Plan| {
-        if plan.scenario == "pair" {
-            (pair_reps, peers.clone())
+        let reps = if plan.scenario == "pair" {
+            pair_reps
         } else {
-            (reps, args.servers.clone())
-        }
+            reps
+        };
+        (reps, plan.servers(&args.servers, &peers).to_vec())
     };
     let total: usize = plans
         .iter()
@@ -235,14 +248,11 @@ fn without_replaced(mut old: Value, fresh: &Value, plans: &[Plan], servers: &[St
     let peers = pair_peers(servers);
     let replaced = |r: &Value| {
         plans.iter().any(|p| {
-            let run = if p.scenario == "pair" {
-                &peers
-            } else {
-                servers
-            };
             r["suite_scenario"] == p.scenario
                 && r["variant"] == p.variant.as_str()
-                && run.iter().any(|s| r["server"] == s.as_str())
+                && p.servers(servers, &peers)
+                    .iter()
+                    .any(|s| r["server"] == s.as_str())
         })
     };
     if let Some(runs) = old["runs"].as_array_mut() {
