@@ -8,6 +8,8 @@
 //! - [`tls`]: the client's rustls configuration (aws-lc-rs, TLS 1.3, no
 //!   resumption, so every handshake is a full one).
 //! - [`token`]: HS256 tokens minted in-process (no process per token).
+//! - [`polled`]: receivers read from one `mio` poll loop on a thread of
+//!   its own, tungstenite over rustls, no task per connection.
 //! - [`procfs`]: the server's resident memory and CPU time from `/proc`.
 //! - [`stats`]: latency histograms and their summaries.
 //! - [`scenario`]: `idle`, `fanout`, `handshake`, `slow`; each prints one
@@ -19,6 +21,7 @@
 //!   server: what the kernel's send path costs, and what tasks add.
 
 mod floor;
+mod polled;
 mod procfs;
 mod report;
 mod scenario;

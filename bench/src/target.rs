@@ -14,10 +14,12 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
+use crate::polled::{self, PolledWs};
 use crate::procfs::Proc;
 use crate::tls::Kx;
 use crate::token::Minter;
@@ -188,6 +190,17 @@ impl Target {
     }
 
     async fn connect_inner(&self, index: usize, sub: &str) -> Result<Ws, String> {
+        let tls = self.connect_tls(index).await?;
+        let request = self.upgrade_request(sub)?;
+        let (ws, _response) =
+            tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config))
+                .await
+                .map_err(|e| format!("upgrade: {e}"))?;
+        Ok(ws)
+    }
+
+    /// TCP and TLS for connection `index`.
+    async fn connect_tls(&self, index: usize) -> Result<TlsStream<TcpStream>, String> {
         let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
         socket
             .bind(SocketAddr::new(self.source(index), 0))
@@ -233,6 +246,12 @@ impl Target {
                 ),
             ));
         }
+        Ok(tls)
+    }
+
+    /// The upgrade request for user `sub`: for securechat, with the
+    /// subprotocol and a fresh token.
+    fn upgrade_request(&self, sub: &str) -> Result<Request, String> {
         let mut request = self
             .url
             .as_str()
@@ -250,11 +269,60 @@ impl Target {
                 HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?,
             );
         }
-        let (ws, _response) =
-            tokio_tungstenite::client_async_with_config(request, tls, Some(self.ws_config))
-                .await
-                .map_err(|e| format!("upgrade: {e}"))?;
-        Ok(ws)
+        Ok(request)
+    }
+
+    /// The frame that joins the room (securechat only).
+    fn join_frame(&self) -> Utf8Bytes {
+        format!(r#"{{"type":"join","room":"{}"}}"#, self.room).into()
+    }
+
+    /// What a frame read while joining means: `Ok(true)` joined, `Ok(false)`
+    /// keep reading, `Err` refused or closed.
+    fn join_answer(message: &Message) -> Result<bool, String> {
+        match message {
+            Message::Text(text) if text.contains(r#""type":"joined""#) => Ok(true),
+            Message::Text(text) if text.contains(r#""type":"error""#) => {
+                Err(format!("join refused: {text}"))
+            }
+            Message::Close(frame) => Err(format!("closed while joining: {frame:?}")),
+            _ => Ok(false),
+        }
+    }
+
+    /// As [`Self::connect_member`], for a member read from a poll loop
+    /// ([`crate::polled`]): the same TCP, TLS, upgrade and join, then the
+    /// connection as a [`PolledWs`].
+    pub async fn connect_polled_member(
+        &self,
+        index: usize,
+        timeout: Duration,
+    ) -> Result<(PolledWs, Duration), String> {
+        let started = Instant::now();
+        let setup = async {
+            let tls = self.connect_tls(index).await?;
+            let request = self.upgrade_request(&format!("u{index}"))?;
+            let mut ws = polled::upgrade(tls, request, self.ws_config).await?;
+            if self.proto == Proto::Securechat {
+                polled::send(&mut ws, Message::Text(self.join_frame()))
+                    .await
+                    .map_err(|e| format!("join: {e}"))?;
+                loop {
+                    let message = polled::read(&mut ws)
+                        .await
+                        .map_err(|e| format!("join: {e}"))?;
+                    if Self::join_answer(&message)? {
+                        break;
+                    }
+                }
+            }
+            Ok::<_, String>(ws)
+        };
+        match tokio::time::timeout(timeout, setup).await {
+            Ok(Ok(ws)) => Ok((ws, started.elapsed())),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("timeout".into()),
+        }
     }
 
     /// Connects and, for securechat, waits for `welcome`, joins the room and
@@ -267,8 +335,7 @@ impl Target {
         let started = Instant::now();
         let (mut ws, _) = self.connect(index, &format!("u{index}"), timeout).await?;
         if self.proto == Proto::Securechat {
-            let join = format!(r#"{{"type":"join","room":"{}"}}"#, self.room);
-            ws.send(Message::Text(join.into()))
+            ws.send(Message::Text(self.join_frame()))
                 .await
                 .map_err(|e| format!("join: {e}"))?;
             let deadline = tokio::time::Instant::now() + timeout;
@@ -277,14 +344,11 @@ impl Target {
                     .await
                     .map_err(|_| "join: timeout".to_string())?;
                 match frame {
-                    Some(Ok(Message::Text(text))) if text.contains(r#""type":"joined""#) => break,
-                    Some(Ok(Message::Text(text))) if text.contains(r#""type":"error""#) => {
-                        return Err(format!("join refused: {text}"));
+                    Some(Ok(message)) => {
+                        if Self::join_answer(&message)? {
+                            break;
+                        }
                     }
-                    Some(Ok(Message::Close(frame))) => {
-                        return Err(format!("closed while joining: {frame:?}"));
-                    }
-                    Some(Ok(_)) => {}
                     Some(Err(e)) => return Err(format!("join: {e}")),
                     None => return Err("closed while joining".into()),
                 }

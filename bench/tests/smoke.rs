@@ -45,6 +45,12 @@ burst = 100000
 user_rate_per_sec = 100000
 user_burst = 100000
 
+# Receivers send nothing of their own: a session survives its read
+# timeout only if the bench answers the server's pings.
+[session]
+ping_interval_secs = 1
+read_timeout_secs = 2
+
 [bans]
 enabled = false
 
@@ -177,31 +183,43 @@ async fn every_scenario_runs_correctly_against_the_real_server() {
     );
     assert_eq!(u(&idle, "/endings/ended"), 0, "{idle}");
 
-    let fanout = bench(
-        &server,
-        "fanout",
-        &[
-            "--members",
-            "20",
-            "--senders",
-            "4",
-            "--rate",
-            "40",
-            "--warmup",
-            "0.3",
-            "--duration",
-            "1",
-        ],
-    )
-    .await;
-    assert_eq!(u(&fanout, "/connect/ok"), 20, "{fanout}");
-    assert_all_delivered_once(&fanout);
-    assert_eq!(u(&fanout, "/window/duplicates"), 0, "{fanout}");
-    assert_eq!(
-        u(&fanout, "/endings/ended"),
-        0,
-        "no member was closed: {fanout}"
-    );
+    // Receivers read from the poll loop (the default) or a task each; the
+    // runs outlast the read timeout, so members that did not answer pings
+    // would be closed.
+    for (read_with, duration) in [("poll", "2.5"), ("tasks", "2.5")] {
+        let fanout = bench(
+            &server,
+            "fanout",
+            &[
+                "--members",
+                "20",
+                "--senders",
+                "4",
+                "--rate",
+                "40",
+                "--warmup",
+                "0.3",
+                "--duration",
+                duration,
+                "--read-with",
+                read_with,
+            ],
+        )
+        .await;
+        assert_eq!(
+            fanout.pointer("/params/read_with").and_then(Value::as_str),
+            Some(read_with),
+            "{fanout}"
+        );
+        assert_eq!(u(&fanout, "/connect/ok"), 20, "{fanout}");
+        assert_all_delivered_once(&fanout);
+        assert_eq!(u(&fanout, "/window/duplicates"), 0, "{fanout}");
+        assert_eq!(
+            u(&fanout, "/endings/ended"),
+            0,
+            "no member was closed: {fanout}"
+        );
+    }
 
     let handshake = bench(
         &server,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::room::{DRAIN, Role, Room, WARMUP, WINDOW_A};
+use super::room::{Connection, DRAIN, ReadWith, Role, Room, WARMUP, WINDOW_A};
 use crate::procfs::{Meters, Proc};
 use crate::target::{Target, TargetArgs};
 
@@ -37,6 +37,9 @@ pub struct Args {
     /// Seconds measured.
     #[arg(long, default_value_t = 10.0)]
     pub duration: f64,
+    /// How receivers read (senders are always read by a task of their own).
+    #[arg(long, value_enum, default_value_t = ReadWith::Poll)]
+    pub read_with: ReadWith,
 }
 
 pub async fn run(args: Args) -> Result<Value, String> {
@@ -83,6 +86,7 @@ pub async fn run(args: Args) -> Result<Value, String> {
             "body_bytes": args.body_bytes,
             "warmup": args.warmup,
             "duration": args.duration,
+            "read_with": args.read_with,
         }),
     );
     m.insert("connect".into(), connected.json());
@@ -180,6 +184,11 @@ pub async fn connect_with_roles(
 ) -> super::Connected {
     let rate = args.rate;
     let room2 = room.clone();
+    let polled = {
+        let role_of = role_of.clone();
+        let poll = args.read_with == ReadWith::Poll;
+        move |index: usize| poll && role_of(index) != Role::Sender
+    };
     // Every sender's schedule counts from here, whenever it connects.
     let base = tokio::time::Instant::now();
     super::connect_members(
@@ -187,6 +196,19 @@ pub async fn connect_with_roles(
         0..args.members,
         args.target.connect_concurrency,
         bar,
+        move |target, index| {
+            let polled = polled(index);
+            async move {
+                let timeout = super::CONNECT_TIMEOUT;
+                if polled {
+                    let (ws, took) = target.connect_polled_member(index, timeout).await?;
+                    Ok((Connection::Polled(ws), took))
+                } else {
+                    let (ws, took) = target.connect_member(index, timeout).await?;
+                    Ok((Connection::Task(ws), took))
+                }
+            }
+        },
         move |index, ws| {
             let room = room2.clone();
             let role = role_of(index);

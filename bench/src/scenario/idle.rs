@@ -54,6 +54,7 @@ pub async fn run(mut args: Args) -> Result<Value, String> {
         0..args.connections,
         args.target.connect_concurrency,
         &bar,
+        |target, index| async move { target.connect_member(index, super::CONNECT_TIMEOUT).await },
         move |_, ws| hold(ws, e.clone(), s.subscribe()),
     )
     .await;

@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 
 use crate::procfs::Proc;
 use crate::stats::{self, Latency};
-use crate::target::{Target, Ws};
+use crate::target::Target;
 
 /// Runs a scenario and prints its summary line.
 pub fn run(scenario: impl Future<Output = Result<Value, String>>) -> Result<(), String> {
@@ -111,19 +111,26 @@ impl Connected {
     }
 }
 
-/// Connects members `indices` (as [`Target::connect_member`]) at most
-/// `concurrency` at a time, with up to three tries each, and hands every
-/// connected socket to `member`, which runs as that member's task. Returns
-/// when every member is connected or has failed.
-pub async fn connect_members<F, Fut>(
+/// How long a member's connection (TCP, TLS, upgrade, join) may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Connects members `indices` with `connect` (as [`Target::connect_member`]
+/// does), at most `concurrency` at a time, with up to three tries each, and
+/// hands every connected socket to `member`, which runs as that member's
+/// task. Returns when every member is connected or has failed.
+pub async fn connect_members<C, CFut, W, F, Fut>(
     target: &Arc<Target>,
     indices: Range<usize>,
     concurrency: usize,
     bar: &ProgressBar,
+    connect: C,
     member: F,
 ) -> Connected
 where
-    F: Fn(usize, Ws) -> Fut + Clone + Send + 'static,
+    C: Fn(Arc<Target>, usize) -> CFut + Clone + Send + 'static,
+    CFut: Future<Output = Result<(W, Duration), String>> + Send,
+    W: Send + 'static,
+    F: Fn(usize, W) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let started = Instant::now();
@@ -136,6 +143,7 @@ where
         let target = target.clone();
         let gate = gate.clone();
         let done = done_tx.clone();
+        let connect = connect.clone();
         let member = member.clone();
         tokio::spawn(async move {
             let permit = gate.acquire_owned().await.expect("never closed");
@@ -145,7 +153,7 @@ where
                 if attempt > 0 {
                     tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
                 }
-                match target.connect_member(index, Duration::from_secs(15)).await {
+                match connect(target.clone(), index).await {
                     Ok(ok) => {
                         connected = Some(ok);
                         break;

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::Endings;
+use crate::polled::{Next, PolledWs, Reader, Readers};
 use crate::stats::{self, Latency};
 use crate::target::{Target, Ws, close_code};
 
@@ -43,6 +44,26 @@ pub enum Role {
     Receiver,
     /// Receives unmeasured; stops reading when the room is told to stall.
     Victim,
+}
+
+/// How receivers read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadWith {
+    /// One poll loop on a thread of its own reads every receiver
+    /// ([`crate::polled`]): what a delivery costs the load generator is
+    /// little more than the kernel's receive path and the decryption.
+    Poll,
+    /// A tokio task per receiver over tokio-tungstenite, as senders read.
+    Tasks,
+}
+
+/// A member's connection as it was set up.
+pub enum Connection {
+    /// Read by a task of its own.
+    Task(Ws),
+    /// Read by the room's poll loop.
+    Polled(PolledWs),
 }
 
 /// Everything the members of one room share.
@@ -76,6 +97,9 @@ pub struct Room {
     pub send_errors: AtomicU64,
     pub endings: Endings,
     stop: watch::Sender<bool>,
+    /// The poll loop of the members that read from it, started with the
+    /// first (`None`: it could not be).
+    readers: OnceLock<Option<Readers<PolledMember>>>,
 }
 
 impl Room {
@@ -103,6 +127,7 @@ impl Room {
             send_errors: AtomicU64::new(0),
             endings: Endings::default(),
             stop,
+            readers: OnceLock::new(),
         })
     }
 
@@ -118,9 +143,16 @@ impl Room {
         self.stall.store(true, Ordering::Release);
     }
 
-    /// Ends every member task.
+    /// Ends every member task, and the poll loop with its members.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
+        if let Some(Some(readers)) = self.readers.get() {
+            readers.stop();
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        *self.stop.borrow()
     }
 
     pub fn sent_total(&self) -> u64 {
@@ -210,6 +242,45 @@ impl Room {
     /// a write the server is slow to take never stops it reading (a sender
     /// that stopped reading would look like a slow consumer to the server).
     pub async fn member(
+        self: Arc<Self>,
+        connection: Connection,
+        role: Role,
+        period: Duration,
+        first: tokio::time::Instant,
+    ) {
+        match connection {
+            Connection::Task(ws) => self.task_member(ws, role, period, first).await,
+            Connection::Polled(ws) => self.polled_member(ws, role),
+        }
+    }
+
+    /// Hands a receiver's connection to the room's poll loop. Senders are
+    /// always read by a task, which also starts their send loop.
+    fn polled_member(self: Arc<Self>, ws: PolledWs, role: Role) {
+        if self.stopped() {
+            return;
+        }
+        let readers = self.readers.get_or_init(|| {
+            Readers::start()
+                .map_err(|e| eprintln!("securechat-bench: no thread for the readers: {e}"))
+                .ok()
+        });
+        let member = PolledMember {
+            room: self.clone(),
+            role,
+            seen: Seen::new(self.per_message.len()),
+        };
+        let added = match readers {
+            Some(readers) => readers.add(ws, member),
+            None => Err("no poll loop".into()),
+        };
+        if let Err(e) = added {
+            eprintln!("securechat-bench: a member was lost: {e}");
+            self.endings.record(None);
+        }
+    }
+
+    async fn task_member(
         self: Arc<Self>,
         ws: Ws,
         role: Role,
@@ -382,6 +453,40 @@ impl Room {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         started.elapsed().as_secs_f64()
+    }
+}
+
+/// A member read by the room's poll loop.
+struct PolledMember {
+    room: Arc<Room>,
+    role: Role,
+    seen: Seen,
+}
+
+impl Reader for PolledMember {
+    fn message(&mut self, message: Message) -> Next {
+        match message {
+            Message::Text(text) => {
+                self.room
+                    .on_text(&text, self.role != Role::Victim, &mut self.seen);
+                if self.role == Role::Victim && self.room.stall.load(Ordering::Acquire) {
+                    Next::Hold
+                } else {
+                    Next::Read
+                }
+            }
+            message @ Message::Close(_) => {
+                self.room.endings.record(close_code(&message));
+                Next::End
+            }
+            _ => Next::Read,
+        }
+    }
+
+    fn failed(&mut self) {
+        if !self.room.stopped() {
+            self.room.endings.record(None);
+        }
     }
 }
 

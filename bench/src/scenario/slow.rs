@@ -123,6 +123,7 @@ pub async fn run(args: Args) -> Result<Value, String> {
             "duration": f.duration,
             "stalled_duration": args.stalled_duration,
             "stalled_rcvbuf": args.stalled_rcvbuf,
+            "read_with": f.read_with,
         }),
     );
     m.insert("connect".into(), connected.json());
