@@ -60,13 +60,18 @@ fn would_block() -> io::Error {
 }
 
 impl Socket {
-    /// Waits until the operation that was refused can go on.
+    /// Waits until the operation that was refused can go on: a read, or,
+    /// while a write is pending, either (rustls retries the write first,
+    /// and the peer may be waiting for it before it sends anything).
     async fn ready(&mut self) -> io::Result<()> {
         match self {
             Socket::Tokio {
                 tcp,
                 blocked_write: true,
-            } => tcp.writable().await,
+            } => tcp
+                .ready(tokio::io::Interest::READABLE | tokio::io::Interest::WRITABLE)
+                .await
+                .map(drop),
             Socket::Tokio { tcp, .. } => tcp.readable().await,
             _ => Err(io::Error::other("the socket is not tokio's")),
         }
