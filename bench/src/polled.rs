@@ -289,6 +289,10 @@ fn run<R: Reader>(mut poll: Poll, added: mpsc::Receiver<(PolledWs, R)>, stop: &A
                 continue;
             }
             eprintln!("securechat-bench: readers' poll failed: {e}");
+            // Not a stop: every connection still open has failed.
+            for conn in conns.iter_mut().flatten() {
+                conn.reader.failed();
+            }
             break;
         }
         for event in events.iter() {
