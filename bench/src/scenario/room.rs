@@ -237,10 +237,8 @@ impl Room {
         Some(self.target.send_frame(seq, &body))
     }
 
-    /// A member's task: reads until the room stops. A sender also sends
-    /// every `period`, starting at `first`, from a task of its own, so that
-    /// a write the server is slow to take never stops it reading (a sender
-    /// that stopped reading would look like a slow consumer to the server).
+    /// A member, until the room stops: read by a task of its own or by the
+    /// room's poll loop, as it was connected.
     pub async fn member(
         self: Arc<Self>,
         connection: Connection,
@@ -280,6 +278,10 @@ impl Room {
         }
     }
 
+    /// A member's task: reads until the room stops. A sender also sends
+    /// every `period`, starting at `first`, from a task of its own, so that
+    /// a write the server is slow to take never stops it reading (a sender
+    /// that stopped reading would look like a slow consumer to the server).
     async fn task_member(
         self: Arc<Self>,
         ws: Ws,
