@@ -212,6 +212,8 @@ const WAKER: Token = Token(usize::MAX);
 
 /// The poll loop's thread and how to reach it.
 pub struct Readers<R: Reader> {
+    /// Connections handed over: at most the room's members, each taken at
+    /// the next wake-up.
     add: mpsc::Sender<(PolledWs, R)>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,

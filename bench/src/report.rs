@@ -843,10 +843,7 @@ fn targets(out: &mut String, runs: &Runs, meta: &Value) {
             (Some(_), None) => Some(true),
             _ => None,
         };
-        let peers = match (below(w), below(b)) {
-            (Some(w), Some(b)) => Some(w && b),
-            _ => None,
-        };
+        let peers = below(w).zip(below(b)).map(|(w, b)| w && b);
         line(
             format!(
                 "p99 latency to the last recipient at {} deliveries/s: ≤ 10 ms and below both peers (ms)",

@@ -306,41 +306,51 @@ impl Room {
         // The flag only ever goes from false to true: a change is the stop.
         let stopped = stop.changed();
         tokio::pin!(stopped);
-        let measured = role != Role::Victim;
         let mut seen = Seen::new(self.per_message.len());
-        let mut code = None;
-        let mut told = false;
         loop {
             tokio::select! {
                 biased;
-                _ = &mut stopped => {
-                    told = true;
-                    break;
-                }
+                _ = &mut stopped => break,
                 frame = stream.next() => match frame {
-                    Some(Ok(Message::Text(text))) => {
-                        self.on_text(&text, measured, &mut seen);
-                        if role == Role::Victim && self.stall.load(Ordering::Acquire) {
-                            // Stop reading: hold the socket until the end.
+                    Some(Ok(message)) => match self.on_message(&message, role, &mut seen) {
+                        Next::Read => {}
+                        Next::Hold => {
+                            // Hold the socket, unread, until the end.
                             let _ = (&mut stopped).await;
-                            told = true;
                             break;
                         }
-                    }
-                    Some(Ok(message @ Message::Close(_))) => {
-                        code = close_code(&message);
+                        Next::End => break,
+                    },
+                    Some(Err(_)) | None => {
+                        self.endings.record(None);
                         break;
                     }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => break,
                 },
             }
         }
         if let Some(writer) = writer {
             writer.abort();
         }
-        if !told {
-            self.endings.record(code);
+    }
+
+    /// A message a member read, whichever way it reads: a delivery is
+    /// counted, a close frame ends the member (its code counted), and a
+    /// victim stops reading once the room stalls them.
+    fn on_message(&self, message: &Message, role: Role, seen: &mut Seen) -> Next {
+        match message {
+            Message::Text(text) => {
+                self.on_text(text, role != Role::Victim, seen);
+                if role == Role::Victim && self.stall.load(Ordering::Acquire) {
+                    Next::Hold
+                } else {
+                    Next::Read
+                }
+            }
+            Message::Close(_) => {
+                self.endings.record(close_code(message));
+                Next::End
+            }
+            _ => Next::Read,
         }
     }
 
@@ -467,22 +477,7 @@ struct PolledMember {
 
 impl Reader for PolledMember {
     fn message(&mut self, message: Message) -> Next {
-        match message {
-            Message::Text(text) => {
-                self.room
-                    .on_text(&text, self.role != Role::Victim, &mut self.seen);
-                if self.role == Role::Victim && self.room.stall.load(Ordering::Acquire) {
-                    Next::Hold
-                } else {
-                    Next::Read
-                }
-            }
-            message @ Message::Close(_) => {
-                self.room.endings.record(close_code(&message));
-                Next::End
-            }
-            _ => Next::Read,
-        }
+        self.room.on_message(&message, self.role, &mut self.seen)
     }
 
     fn failed(&mut self) {
