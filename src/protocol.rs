@@ -56,8 +56,24 @@ pub struct Send {
     pub id: String,
     #[serde(default)]
     pub body: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "object")]
     pub enc: Option<Encrypted>,
+}
+
+/// An `enc` that is a JSON object: serde's derive would also take the
+/// fields as an array in order, a form the contract does not have.
+fn object<'de, D>(deserializer: D) -> Result<Option<Encrypted>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error as _;
+    match Option::<serde_json::Value>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(value @ serde_json::Value::Object(_)) => Encrypted::deserialize(value)
+            .map(Some)
+            .map_err(D::Error::custom),
+        Some(_) => Err(D::Error::custom("\"enc\" must be a JSON object")),
+    }
 }
 
 /// An end-to-end encrypted payload; the server relays it unread.
@@ -159,6 +175,8 @@ impl FrameError {
 pub enum Disconnect {
     Normal,
     ShuttingDown,
+    ProtocolError,
+    InvalidPayload,
     PolicyViolation,
     TooLarge,
     Internal,
@@ -176,6 +194,8 @@ impl Disconnect {
         match self {
             Self::Normal => 1000,
             Self::ShuttingDown => 1001,
+            Self::ProtocolError => 1002,
+            Self::InvalidPayload => 1007,
             Self::PolicyViolation => 1008,
             Self::TooLarge => 1009,
             Self::Internal => 1011,
@@ -193,6 +213,8 @@ impl Disconnect {
         match self {
             Self::Normal => "normal",
             Self::ShuttingDown => "shutting_down",
+            Self::ProtocolError => "protocol_error",
+            Self::InvalidPayload => "invalid_payload",
             Self::PolicyViolation => "policy_violation",
             Self::TooLarge => "too_large",
             Self::Internal => "internal",
@@ -215,11 +237,21 @@ struct Lenient {
     id: Option<serde_json::Value>,
 }
 
+/// What JSON (RFC 8259) allows around a value.
+const JSON_WHITESPACE: [char; 4] = [' ', '\t', '\n', '\r'];
+
+const NOT_AN_OBJECT: &str = "a frame must be one JSON object with a \"type\"";
+
 const KNOWN_TYPES: [&str; 7] = ["join", "leave", "send", "delete", "kick", "refresh", "ping"];
 
 impl ClientFrame {
     /// Parses and validates one text frame.
     pub fn parse(text: &str) -> Result<Self, FrameError> {
+        // serde's derive takes a struct's fields as an array in order too
+        // (`["send","general","c1","hello"]`): only an object is a frame.
+        if !text.trim_start_matches(JSON_WHITESPACE).starts_with('{') {
+            return Err(FrameError::new(ErrorCode::InvalidMessage, NOT_AN_OBJECT));
+        }
         let frame: ClientFrame = match serde_json::from_str(text) {
             Ok(frame) => frame,
             Err(err) => return Err(Self::explain(text, &err)),
@@ -230,10 +262,7 @@ impl ClientFrame {
 
     fn explain(text: &str, err: &serde_json::Error) -> FrameError {
         let Ok(lenient) = serde_json::from_str::<Lenient>(text) else {
-            return FrameError::new(
-                ErrorCode::InvalidMessage,
-                "a frame must be one JSON object with a \"type\"",
-            );
+            return FrameError::new(ErrorCode::InvalidMessage, NOT_AN_OBJECT);
         };
         let reference = match &lenient.id {
             Some(serde_json::Value::String(id)) if id.chars().count() <= MAX_CLIENT_ID_CHARS => {
@@ -544,6 +573,31 @@ mod tests {
         ] {
             ClientFrame::parse(text).unwrap_or_else(|e| panic!("{text}: {e:?}"));
         }
+    }
+
+    #[test]
+    fn only_objects_are_frames() {
+        for text in [
+            r#"["send","general","c1","hello"]"#,
+            r#"["join","general"]"#,
+            r#" ["ping"]"#,
+            r#""ping""#,
+            "null",
+            "42",
+            "",
+            r#"{"type":"send","room":"g","id":"c1","enc":["A256GCM","k","AAAAAAAAAAAAAAAA","AAAAAAAAAAAAAAAAAAAAAA=="]}"#,
+            r#"{"type":"send","room":"g","id":"c1","enc":"A256GCM"}"#,
+        ] {
+            let e = err(text);
+            assert_eq!(e.code, ErrorCode::InvalidMessage, "{text}");
+        }
+        // Whitespace before the object is JSON's, and still a frame.
+        assert!(ClientFrame::parse(" \r\n\t{\"type\":\"ping\"}").is_ok());
+        let enc = r#"{"type":"send","room":"g","id":"c1","enc":{"alg":"A256GCM","kid":"k","iv":"AAAAAAAAAAAAAAAA","ct":"AAAAAAAAAAAAAAAAAAAAAA=="}}"#;
+        assert!(matches!(
+            ClientFrame::parse(enc),
+            Ok(ClientFrame::Send(Send { enc: Some(_), .. }))
+        ));
     }
 
     #[test]

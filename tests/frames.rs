@@ -11,11 +11,15 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test]
 async fn malformed_and_unknown_frames_get_errors_not_crashes() {
-    let server = TestServer::start().await;
+    let server = TestServer::start_with(|c| c.limits.max_invalid_frames = 20).await;
     let mut client = server.connect(&server.token("alice")).await;
     for (text, code) in [
         ("not json", "invalid_message"),
         ("[1, 2, 3]", "invalid_message"),
+        // A struct's fields in order, which serde alone would take.
+        (r#"["join", "general"]"#, "invalid_message"),
+        (r#"["send", "general", "c1", "hello"]"#, "invalid_message"),
+        (r#""ping""#, "invalid_message"),
         (r#"{"room": "general"}"#, "invalid_message"),
         (r#"{"type": "shout", "id": "s1"}"#, "unknown_type"),
         (r#"{"type": "join"}"#, "invalid_message"),
@@ -57,6 +61,38 @@ async fn repeated_invalid_frames_close_with_1008() {
         client.send_raw(Message::Text("{".into())).await;
     }
     assert_eq!(client.recv_close().await.0, 1008);
+}
+
+#[tokio::test]
+async fn frames_in_array_form_are_not_carried_out() {
+    let server = TestServer::start().await;
+    let mut alice = server.member("alice", "general").await;
+    let mut bob = server.connect(&server.token("bob")).await;
+    bob.send_raw(Message::Text(r#"["join", "general"]"#.into()))
+        .await;
+    assert_eq!(bob.recv().await["code"], "invalid_message");
+    bob.send_raw(Message::Text(
+        r#"["send", "general", "c1", "hello"]"#.into(),
+    ))
+    .await;
+    assert_eq!(bob.recv().await["code"], "invalid_message");
+    // Neither joined nor sent: alice hears nothing, and bob is not a member.
+    alice.expect_silence(Duration::from_millis(300)).await;
+    bob.send(json!({"type": "send", "room": "general", "id": "c2", "body": "hi"}))
+        .await;
+    assert_eq!(bob.recv().await["code"], "not_joined");
+}
+
+#[tokio::test]
+async fn text_that_is_not_utf8_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let mut client = server.connect(&server.token("alice")).await;
+    let bytes: &[u8] = b"{\"type\":\"ping\",\"id\":\"\xff\xfe\"}";
+    let frame = Frame::message(bytes.to_vec(), OpCode::Data(Data::Text), true);
+    client.send_raw(Message::Frame(frame)).await;
+    assert_eq!(client.recv_close().await, (1007, "invalid_payload".into()));
 }
 
 #[tokio::test]

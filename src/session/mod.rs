@@ -638,10 +638,18 @@ impl Session {
                     tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
                 ),
             )) => Some(Disconnect::Normal),
+            // RFC 6455 section 7.4.1: text that is not UTF-8 is 1007.
+            Some(Err(tungstenite::Error::Utf8(_))) => {
+                count_refusal("invalid_utf8");
+                debug!(event = "frame.refused", reason = "invalid_utf8");
+                Some(Disconnect::InvalidPayload)
+            }
+            // Reserved bits (no extension is negotiated), an unmasked or
+            // unknown frame, a fragmented control frame: 1002.
             Some(Err(e)) => {
                 count_refusal("protocol_error");
                 debug!(event = "frame.refused", reason = "protocol_error", error = %e);
-                Some(Disconnect::PolicyViolation)
+                Some(Disconnect::ProtocolError)
             }
         }
     }
