@@ -49,7 +49,7 @@ fn deployment() -> tempfile::TempDir {
     dir
 }
 
-const SECRET: &str = "0123456789abcdef0123456789abcdef0123456789abcdef";
+const SECRET: &str = "8d1c57a0e4f93b26c7a9e015d38b64f2a9c3e7d05b1f846e";
 
 #[test]
 fn every_subcommand_has_help() {
@@ -117,6 +117,20 @@ fn check_refuses_with_a_message_naming_the_problem() {
         &[("SECURECHAT_JWT_SECRET", "too-short")],
     );
     assert!(!ok && out.contains("at least 32"), "{out}");
+    let same = "a".repeat(32);
+    let word = "chatchat".repeat(5);
+    for weak in [same.as_str(), word.as_str()] {
+        let (ok, out) = run(
+            &["check", "--config", "config/securechat.toml"],
+            dir.path(),
+            &[("SECURECHAT_JWT_SECRET", weak)],
+        );
+        assert!(
+            !ok && out.contains("auth.keys[0]") && out.contains("openssl rand"),
+            "{out}"
+        );
+        assert!(!out.contains(weak), "the secret must not be printed: {out}");
+    }
 
     std::fs::write(dir.path().join("certs/server.crt"), "not a certificate").unwrap();
     let (ok, out) = run(

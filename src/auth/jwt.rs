@@ -137,13 +137,64 @@ pub fn load_secret(key: &KeyConfig) -> Result<Secret, String> {
     } else {
         return Err("no secret_file or secret_env".into());
     };
-    if bytes.len() < MIN_SECRET_BYTES {
-        return Err(format!(
-            "the secret is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (for example `openssl rand -hex 32`)",
-            bytes.len()
-        ));
+    if let Some(weakness) = secret_weakness(&bytes) {
+        return Err(weakness);
     }
     Ok(Secret::new(bytes))
+}
+
+/// Fewest distinct bytes a secret may hold. What `openssl rand -hex 32`
+/// prints has fewer than this with a chance of about one in 10^12, what
+/// `openssl rand -base64 32` prints far less often.
+pub const MIN_DISTINCT_SECRET_BYTES: usize = 10;
+
+/// Why `secret` is too weak to sign with, if it is: too short, a short
+/// pattern repeated (`aaaa…`, a word over and over), or too few distinct
+/// bytes. The reason names the fix and never the secret's bytes.
+pub fn secret_weakness(secret: &[u8]) -> Option<String> {
+    const FIX: &str = "use random bytes (for example `openssl rand -hex 32`)";
+    if secret.len() < MIN_SECRET_BYTES {
+        return Some(format!(
+            "the secret is {} bytes; use at least {MIN_SECRET_BYTES} random bytes (for example `openssl rand -hex 32`)",
+            secret.len()
+        ));
+    }
+    let period = smallest_period(secret);
+    if period * 2 <= secret.len() {
+        return Some(format!(
+            "the secret is a pattern of {period} bytes repeated; {FIX}"
+        ));
+    }
+    let mut seen = [false; 256];
+    for &b in secret {
+        seen[usize::from(b)] = true;
+    }
+    let distinct = seen.iter().filter(|&&s| s).count();
+    if distinct < MIN_DISTINCT_SECRET_BYTES {
+        return Some(format!(
+            "the secret has only {distinct} distinct bytes (at least {MIN_DISTINCT_SECRET_BYTES}); {FIX}"
+        ));
+    }
+    None
+}
+
+/// The length of the shortest prefix that `bytes` repeats (the last
+/// repetition may be cut short): `bytes.len()` when there is none.
+fn smallest_period(bytes: &[u8]) -> usize {
+    // Knuth-Morris-Pratt's failure function: the longest proper prefix that
+    // is also a suffix; what is left of the length is the period.
+    let mut border = vec![0usize; bytes.len()];
+    let mut k = 0;
+    for i in 1..bytes.len() {
+        while k > 0 && bytes[i] != bytes[k] {
+            k = border[k - 1];
+        }
+        if bytes[i] == bytes[k] {
+            k += 1;
+        }
+        border[i] = k;
+    }
+    bytes.len() - border.last().copied().unwrap_or(0)
 }
 
 fn read_pem(path: &Path, what: &str) -> Result<Vec<u8>, String> {
@@ -410,5 +461,52 @@ impl Minter {
         let mut header = Header::new(self.alg);
         header.kid = Some(self.kid.clone());
         jsonwebtoken::encode(&header, claims, &self.key).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weak_secrets_are_refused_and_random_ones_pass() {
+        for (secret, why) in [
+            (vec![b'a'; 32], "repeated"),
+            (vec![0; 64], "repeated"),
+            (b"password".repeat(5), "repeated"),
+            (b"0123456789abcdef".repeat(3), "repeated"),
+            (b"abcabcabcabcabcabcabcabcabcabcabcab".to_vec(), "repeated"),
+            (b"aabbaabbababbbaaabababbbbaaababaabab".to_vec(), "distinct"),
+            (b"short".to_vec(), "at least 32"),
+        ] {
+            let weakness = secret_weakness(&secret)
+                .unwrap_or_else(|| panic!("{:?} passed", String::from_utf8_lossy(&secret)));
+            assert!(weakness.contains(why), "{weakness}");
+            assert!(weakness.contains("openssl rand"), "{weakness}");
+        }
+        // What `openssl rand -hex 32` and `openssl rand -base64 32` print.
+        let b64 = base64::engine::general_purpose::STANDARD;
+        for _ in 0..1000 {
+            let bytes: [u8; 32] = rand::random();
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(secret_weakness(hex.as_bytes()), None, "{hex}");
+            let text = base64::Engine::encode(&b64, bytes);
+            assert_eq!(secret_weakness(text.as_bytes()), None, "{text}");
+            assert_eq!(secret_weakness(&bytes), None);
+        }
+        assert_eq!(
+            secret_weakness(b"correct-horse-battery-staple-0123456789"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_period_is_the_shortest_repeated_prefix() {
+        assert_eq!(smallest_period(b"abcabcab"), 3);
+        assert_eq!(smallest_period(b"aaaa"), 1);
+        assert_eq!(smallest_period(b"abcd"), 4);
+        assert_eq!(smallest_period(b"abab"), 2);
+        assert_eq!(smallest_period(b"aabaab"), 3);
+        assert_eq!(smallest_period(b""), 0);
     }
 }

@@ -187,11 +187,10 @@ impl RedisBroker {
             "broker.secret_env/secret_file",
         )?
         .ok_or_else(|| RedisStartError("broker.secret_env or secret_file is required".into()))?;
-        if secret.len() < crate::auth::jwt::MIN_SECRET_BYTES {
+        if let Some(weakness) = crate::auth::jwt::secret_weakness(secret.expose()) {
             return Err(RedisStartError(format!(
-                "the cluster secret is {} bytes; use at least {} random bytes",
-                secret.len(),
-                crate::auth::jwt::MIN_SECRET_BYTES
+                "broker.secret_env/secret_file: {}",
+                weakness.replacen("the secret", "the cluster secret", 1)
             )));
         }
         let mut info = config
