@@ -36,8 +36,23 @@ fn days(n: i64) -> time::Duration {
     time::Duration::days(n)
 }
 
+/// How long `gen-cert`'s server and client certificates live, the back-dated
+/// day included: browsers and the Mozilla TLS profiles refuse leaves that
+/// live longer than 366 days (398 for public CAs until 2026).
+pub const LEAF_DAYS: i64 = 365;
+
+/// How long `gen-cert`'s CA lives, the back-dated day included.
+pub const CA_DAYS: i64 = 825;
+
+/// From a day ago (clocks differ) to `valid_days` days after that.
+fn validity(params: &mut CertificateParams, valid_days: i64) {
+    let from = time::OffsetDateTime::now_utc() - days(1);
+    params.not_before = from;
+    params.not_after = from + days(valid_days);
+}
+
 impl DevCa {
-    /// A new CA valid for `valid_days` days.
+    /// A new CA valid for `valid_days` days in all, from a day ago.
     pub fn generate(name: &str, valid_days: i64) -> Result<Self, rcgen::Error> {
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         let mut dn = DistinguishedName::new();
@@ -46,9 +61,7 @@ impl DevCa {
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - days(1);
-        params.not_after = now + days(valid_days);
+        validity(&mut params, valid_days);
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         let pem = PemPair {
@@ -77,9 +90,7 @@ impl DevCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![usage];
         params.use_authority_key_identifier_extension = true;
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - days(1);
-        params.not_after = now + days(valid_days);
+        validity(&mut params, valid_days);
         let key = KeyPair::generate()?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
@@ -122,9 +133,11 @@ pub struct Written {
 pub fn write_dev_pki(dir: &Path, hosts: &[String], force: bool) -> Result<Written, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let err = |e: rcgen::Error| format!("certificate generation failed: {e}");
-    let ca = DevCa::generate("securechat development CA", 825).map_err(err)?;
-    let server = ca.server_cert(hosts, 397).map_err(err)?;
-    let client = ca.client_cert("securechat-dev-client", 397).map_err(err)?;
+    let ca = DevCa::generate("securechat development CA", CA_DAYS).map_err(err)?;
+    let server = ca.server_cert(hosts, LEAF_DAYS).map_err(err)?;
+    let client = ca
+        .client_cert("securechat-dev-client", LEAF_DAYS)
+        .map_err(err)?;
     let files: [(&str, &str, bool); 6] = [
         ("ca.crt", &ca.pem().cert_pem, false),
         ("ca.key", &ca.pem().key_pem, true),

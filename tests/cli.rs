@@ -82,6 +82,27 @@ fn gen_cert_writes_private_keys_0600_and_does_not_overwrite() {
 }
 
 #[test]
+fn gen_cert_leaves_live_at_most_365_days_including_the_back_dated_day() {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let dir = deployment();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for (name, most) in [("server.crt", 365), ("client.crt", 365), ("ca.crt", 825)] {
+        let der = CertificateDer::from_pem_file(dir.path().join("certs").join(name)).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let validity = cert.validity();
+        let from = validity.not_before.timestamp();
+        let until = validity.not_after.timestamp();
+        assert!(until - from <= most * 86_400, "{name}: {} s", until - from);
+        // Back-dated a day for clocks that are behind.
+        assert!(from <= now - 86_000, "{name}");
+    }
+}
+
+#[test]
 fn check_accepts_the_shipped_example_and_reports_expiry() {
     let dir = deployment();
     let (ok, out) = run(
