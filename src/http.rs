@@ -20,8 +20,9 @@ use crate::admission::{AddressSlot, UserSlot, client_address};
 use crate::auth::Identity;
 use crate::auth::credentials::{self, CredentialError, CredentialRules, Source};
 use crate::auth::jwt::TokenError;
+use crate::config::TlsMode;
 use crate::protocol::SUBPROTOCOL;
-use crate::refusal::{Refusal, json_response};
+use crate::refusal::{Refusal, json_response, strict_transport};
 use crate::session::{self, ConnMeta};
 use crate::state::AppState;
 
@@ -61,7 +62,7 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path();
-    let response = if path == state.config.server.ws_path {
+    let mut response = if path == state.config.server.ws_path {
         let forwarded = req
             .headers()
             .get("x-forwarded-for")
@@ -101,6 +102,9 @@ pub async fn handle(
     } else {
         Refusal::NotFound.response()
     };
+    if state.config.tls.mode == TlsMode::On {
+        strict_transport(&mut response);
+    }
     Ok(response)
 }
 

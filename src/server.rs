@@ -454,10 +454,14 @@ async fn refuse_connection(
 }
 
 async fn answer_refusal(tcp: TcpStream, tls: Option<Arc<rustls::ServerConfig>>, refusal: Refusal) {
-    let service =
-        service_fn(
-            move |_req| async move { Ok::<_, std::convert::Infallible>(refusal.response()) },
-        );
+    let over_tls = tls.is_some();
+    let service = service_fn(move |_req| async move {
+        let mut response = refusal.response();
+        if over_tls {
+            crate::refusal::strict_transport(&mut response);
+        }
+        Ok::<_, std::convert::Infallible>(response)
+    });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(false);
     match tls {

@@ -314,6 +314,55 @@ async fn over_the_connection_cap_gets_503() {
     assert!(refused.headers.contains_key("retry-after"));
 }
 
+/// The raw head of the response to `GET path` on `stream`.
+async fn response_head(mut stream: impl AsyncRead + AsyncWrite + Unpin, path: &str) -> String {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut response)).await;
+    let text = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    text.split("\r\n\r\n").next().unwrap_or("").to_owned()
+}
+
+const HSTS: &str = "strict-transport-security: max-age=63072000\r\n";
+
+#[tokio::test]
+async fn every_response_over_tls_carries_hsts() {
+    let server = TestServer::start_with(|c| c.limits.max_connections = 1).await;
+    for path in ["/healthz", "/readyz", "/", "/no-such-path", "/ws"] {
+        let head = response_head(server.tls(&[b"http/1.1"], None).await, path).await;
+        assert!(head.contains(HSTS), "{path}: {head}");
+    }
+    let req = server.bearer_request(&server.token("alice"));
+    let (_ws, response) =
+        tokio_tungstenite::client_async(req, server.tls(&[b"http/1.1"], None).await)
+            .await
+            .unwrap();
+    assert_eq!(
+        response.headers()["strict-transport-security"],
+        "max-age=63072000"
+    );
+    // A connection over the cap is answered at accept, over TLS too.
+    let req = server.bearer_request(&server.token("second"));
+    let refused = server.expect_refused(req, 503, "over_capacity").await;
+    assert_eq!(
+        refused.headers["strict-transport-security"],
+        "max-age=63072000"
+    );
+}
+
+#[tokio::test]
+async fn plain_http_behind_a_tls_proxy_sends_no_hsts() {
+    let server = TestServer::start_with(|c| {
+        c.tls.mode = securechat::config::TlsMode::Off;
+    })
+    .await;
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let head = response_head(tcp, "/healthz").await;
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("strict-transport-security"), "{head}");
+}
+
 #[tokio::test]
 async fn graceful_shutdown_closes_sessions_with_1001() {
     let mut server = TestServer::start_with(|c| {
