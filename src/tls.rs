@@ -273,11 +273,8 @@ fn server_config(
     let mut config = builder.with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.ignore_client_order = true;
-    // After a TLS 1.3 handshake the server protects the records itself,
-    // with the keys rustls negotiated and the traffic secrets caught for
-    // its key updates (see `tls_stream::Records`). Nothing is logged.
-    config.enable_secret_extraction = true;
-    config.key_log = Arc::new(crate::tls_stream::CatchSecrets);
+    // rustls protects every record for the whole connection: no secret is
+    // extracted and the key log stays rustls's default, which logs nothing.
     Ok(config)
 }
 
