@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{TestServer, WAIT};
 use serde_json::{Value, json};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -361,5 +361,305 @@ async fn a_frame_with_rsv1_set_closes_the_connection() {
     assert_eq!((code, reason), PROTOCOL_ERROR_CLOSE);
     assert!(closed_by_server(&mut tls).await, "the connection ends");
     member.expect_silence(Duration::from_millis(300)).await;
+    honest_round_trip(&server, "honest").await;
+}
+
+// ---------------------------------------------------------------------------
+// HTTP/2, written frame by frame (RFC 9113).
+
+/// Frame types and flags (RFC 9113, section 6).
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+
+/// The largest frame payload the server takes (its SETTINGS_MAX_FRAME_SIZE
+/// is the default).
+const MAX_FRAME: usize = 16 * 1024;
+
+/// One frame's bytes.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap();
+    assert!(len < 1 << 24);
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HPACK integer with a `prefix`-bit prefix, `high` holding the bits
+/// above it (RFC 7541, section 5.1).
+fn hpack_int(out: &mut Vec<u8>, high: u8, prefix: u32, value: usize) {
+    let max = (1usize << prefix) - 1;
+    if value < max {
+        out.push(high | value as u8);
+        return;
+    }
+    out.push(high | max as u8);
+    let mut rest = value - max;
+    while rest >= 0x80 {
+        out.push((rest & 0x7f) as u8 | 0x80);
+        rest >>= 7;
+    }
+    out.push(rest as u8);
+}
+
+/// A header field as a literal without indexing, new name, no Huffman
+/// coding (RFC 7541, section 6.2.2): the decoder keeps no state for it.
+fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0x00);
+    hpack_int(out, 0, 7, name.len());
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(out, 0, 7, value.len());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The header block of an RFC 8441 WebSocket request with `token`, then
+/// `extra` fields (a later `sec-websocket-protocol` replaces the default).
+fn connect_block(server: &TestServer, token: &str, extra: &[(&str, &str)]) -> Vec<u8> {
+    let mut block = Vec::new();
+    let authority = format!("localhost:{}", server.addr.port());
+    literal(&mut block, ":method", "CONNECT");
+    literal(&mut block, ":protocol", "websocket");
+    literal(&mut block, ":scheme", "https");
+    literal(&mut block, ":path", "/ws");
+    literal(&mut block, ":authority", &authority);
+    literal(&mut block, "sec-websocket-version", "13");
+    if !extra
+        .iter()
+        .any(|(name, _)| *name == "sec-websocket-protocol")
+    {
+        literal(&mut block, "sec-websocket-protocol", "securechat.v1");
+    }
+    literal(&mut block, "authorization", &format!("Bearer {token}"));
+    for (name, value) in extra {
+        literal(&mut block, name, value);
+    }
+    block
+}
+
+/// Decodes the HPACK Huffman code of a string of digits (RFC 7541,
+/// appendix B: '0' to '2' are 00000 to 00010, '3' to '9' are 011001 to
+/// 011111), which is all a `:status` holds.
+fn huffman_digits(bytes: &[u8], count: usize) -> String {
+    let bit = |i: usize| (bytes[i / 8] >> (7 - i % 8)) & 1;
+    let mut at = 0;
+    let mut digits = String::new();
+    for _ in 0..count {
+        let code = |len: usize| (0..len).fold(0u8, |acc, k| acc << 1 | bit(at + k));
+        let digit = if code(2) == 0 {
+            let value = code(5);
+            at += 5;
+            value
+        } else {
+            let value = code(6) - 0b011001 + 3;
+            at += 6;
+            value
+        };
+        digits.push(char::from(b'0' + digit));
+    }
+    digits
+}
+
+/// The `:status` of a response header block as the server's encoder (h2)
+/// writes it on a fresh connection: first, either a static-table entry or
+/// a literal with the static name `:status` and a Huffman-coded value.
+fn status_of(block: &[u8]) -> u16 {
+    let status = match block[0] {
+        0x88 => "200".to_string(),
+        0x89 => "204".to_string(),
+        0x8a => "206".to_string(),
+        0x8b => "304".to_string(),
+        0x8c => "400".to_string(),
+        0x8d => "404".to_string(),
+        0x8e => "500".to_string(),
+        0x48 | 0x08 => {
+            let len = usize::from(block[1] & 0x7f);
+            let value = &block[2..2 + len];
+            if block[1] & 0x80 != 0 {
+                huffman_digits(value, 3)
+            } else {
+                String::from_utf8(value.to_vec()).unwrap()
+            }
+        }
+        other => panic!("unexpected start of a response block: {other:#x}"),
+    };
+    status.parse().unwrap()
+}
+
+/// A frame the server sent.
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    /// A GOAWAY's last stream id and error code.
+    fn goaway(&self) -> (u32, u32) {
+        let word = |at: usize| u32::from_be_bytes(self.payload[at..at + 4].try_into().unwrap());
+        (word(0) & 0x7fff_ffff, word(4))
+    }
+}
+
+/// Reads the server's frames.
+struct FrameReader {
+    read: ReadHalf<TlsStream<TcpStream>>,
+}
+
+impl FrameReader {
+    /// The next frame; `None` once the server has closed the connection.
+    async fn next(&mut self) -> Option<Frame> {
+        let mut head = [0u8; 9];
+        self.read.read_exact(&mut head).await.ok()?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        self.read.read_exact(&mut payload).await.ok()?;
+        let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+        Some(Frame {
+            kind: head[3],
+            flags: head[4],
+            stream,
+            payload,
+        })
+    }
+}
+
+/// A raw HTTP/2 connection over TLS with ALPN h2.
+struct RawH2 {
+    reader: FrameReader,
+    write: WriteHalf<TlsStream<TcpStream>>,
+}
+
+impl RawH2 {
+    /// Connects, sends the preface and empty SETTINGS, and acknowledges
+    /// the server's SETTINGS.
+    async fn open(server: &TestServer) -> Self {
+        let tls = server.tls(&[b"h2"], None).await;
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        // Each frame written goes out at once, for the tests that pace them.
+        tls.get_ref().0.set_nodelay(true).unwrap();
+        let (read, write) = tokio::io::split(tls);
+        let mut h2 = Self {
+            reader: FrameReader { read },
+            write,
+        };
+        let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        hello.extend(frame(SETTINGS, 0, 0, &[]));
+        h2.send(&hello).await.unwrap();
+        loop {
+            let frame = tokio::time::timeout(WAIT, h2.reader.next())
+                .await
+                .expect("the server's SETTINGS")
+                .expect("the connection is open");
+            if frame.kind == SETTINGS && frame.flags & ACK == 0 {
+                break;
+            }
+        }
+        h2.send(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
+        h2
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write.write_all(bytes).await?;
+        self.write.flush().await
+    }
+
+    /// Sends `block` as HEADERS and as many CONTINUATION frames as it takes.
+    async fn send_header_block(&mut self, stream: u32, block: &[u8], end_stream: bool) {
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+        let mut bytes = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let kind = if i == 0 { HEADERS } else { CONTINUATION };
+            let mut flags = if i + 1 == chunks.len() {
+                END_HEADERS
+            } else {
+                0
+            };
+            if i == 0 && end_stream {
+                flags |= END_STREAM;
+            }
+            bytes.extend(frame(kind, flags, stream, chunk));
+        }
+        self.send(&bytes).await.unwrap();
+    }
+
+    /// The next HEADERS frame on `stream`, skipping other frames.
+    async fn next_headers(&mut self, stream: u32) -> Frame {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.reader.next())
+                .await
+                .expect("a response within the wait")
+                .expect("the connection is open");
+            match frame.kind {
+                HEADERS if frame.stream == stream => return frame,
+                GOAWAY => panic!("GOAWAY {:?} before a response", frame.goaway()),
+                _ => continue,
+            }
+        }
+    }
+}
+
+/// A 16 KiB `Sec-WebSocket-Protocol` is refused like any header that
+/// large, over HTTP/1.1 (431 from hyper) and HTTP/2 (431 from h2, over
+/// `SETTINGS_MAX_HEADER_LIST_SIZE`); a 12 KiB list of 2,000 entries that
+/// ends in `securechat.v1` still upgrades, so the list is read in one pass.
+#[tokio::test]
+async fn a_16_kib_subprotocol_header_is_refused() {
+    let server = TestServer::start().await;
+    let token = server.token("attacker");
+    let port = server.addr.port();
+    let huge = "x".repeat(16 * 1024);
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {huge}, securechat.v1\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    let answer = send_http1(&server, request.as_bytes()).await;
+    expect_431_and_close(answer, "HTTP/1.1, 16 KiB subprotocol").await;
+
+    let mut h2 = RawH2::open(&server).await;
+    let block = connect_block(
+        &server,
+        &token,
+        &[("sec-websocket-protocol", &format!("{huge}, securechat.v1"))],
+    );
+    h2.send_header_block(1, &block, false).await;
+    let headers = h2.next_headers(1).await;
+    assert_eq!(
+        status_of(&headers.payload),
+        431,
+        "HTTP/2, 16 KiB subprotocol"
+    );
+
+    let many: Vec<String> = (0..2000).map(|i| format!("p{i}")).collect();
+    let list = format!("{}, securechat.v1", many.join(", "));
+    assert!(list.len() > 12 * 1024, "{}", list.len());
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {list}\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    );
+    let answer = send_http1(&server, request.as_bytes()).await;
+    assert_eq!(answer.status, 101, "2,000 subprotocols: {}", answer.head);
+    assert!(
+        answer
+            .head
+            .contains("sec-websocket-protocol: securechat.v1\r\n")
+    );
+
     honest_round_trip(&server, "honest").await;
 }
