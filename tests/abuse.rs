@@ -369,13 +369,20 @@ async fn a_frame_with_rsv1_set_closes_the_connection() {
 
 /// Frame types and flags (RFC 9113, section 6).
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
 const CONTINUATION: u8 = 0x9;
 
 const END_STREAM: u8 = 0x1;
 const ACK: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
+
+/// Error codes (RFC 9113, section 7): the client's resets, and the
+/// server's GOAWAY for a peer that abuses the protocol.
+const CANCEL: u32 = 0x8;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
 
 /// The largest frame payload the server takes (its SETTINGS_MAX_FRAME_SIZE
 /// is the default).
@@ -532,6 +539,23 @@ impl FrameReader {
             payload,
         })
     }
+
+    /// Reads until the server closes the connection, within the wait:
+    /// the GOAWAY it sent on the way, if any.
+    async fn until_closed(&mut self) -> Option<Frame> {
+        let read = async {
+            let mut goaway = None;
+            while let Some(frame) = self.next().await {
+                if frame.kind == GOAWAY {
+                    goaway = Some(frame);
+                }
+            }
+            goaway
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("the server closes the connection within the wait")
+    }
 }
 
 /// A raw HTTP/2 connection over TLS with ALPN h2.
@@ -662,4 +686,80 @@ async fn a_16_kib_subprotocol_header_is_refused() {
     );
 
     honest_round_trip(&server, "honest").await;
+}
+
+/// Sends batches (`batch(i)` for the i-th), each followed by a PING, and
+/// waits for the PING's ACK before the next: the server has then read the
+/// whole batch. Stops when the server sends GOAWAY or closes, or after
+/// `max` batches. Returns the number of batches the server read to the end
+/// before it cut the connection off (it did so in the next one), and its
+/// GOAWAY.
+async fn lock_step(
+    h2: &mut RawH2,
+    max: usize,
+    mut batch: impl FnMut(usize) -> Vec<u8>,
+) -> (usize, Option<Frame>) {
+    for i in 0..max {
+        let mut bytes = batch(i);
+        bytes.extend(frame(PING, 0, 0, &(i as u64).to_be_bytes()));
+        if h2.send(&bytes).await.is_err() {
+            return (i, h2.reader.until_closed().await);
+        }
+        loop {
+            let next = tokio::time::timeout(WAIT, h2.reader.next())
+                .await
+                .expect("a PING ACK or the end within the wait");
+            match next {
+                None => return (i, None),
+                Some(f) if f.kind == GOAWAY => {
+                    let _ = h2.reader.until_closed().await;
+                    return (i, Some(f));
+                }
+                Some(f) if f.kind == PING && f.flags & ACK != 0 => break,
+                Some(_) => continue,
+            }
+        }
+    }
+    (max, None)
+}
+
+/// Rapid reset sends HEADERS + RST_STREAM pairs in batches of this many,
+/// 10,000 pairs at most.
+const RESET_BATCH: usize = 50;
+const RESET_BATCHES: usize = 200;
+
+/// HTTP/2 rapid reset (CVE-2023-44487): thousands of WebSocket requests
+/// (extended CONNECT with a valid token), each cancelled by the client in
+/// the same write that opened it, so that none counts toward
+/// `limits.h2_max_streams` while the server still works on each. h2 allows
+/// 20 streams reset before the server took them, then ends the connection
+/// with GOAWAY ENHANCE_YOUR_CALM: the server has looked at a bounded number
+/// of the requests, and an honest client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_ends_the_connection() {
+    let server = TestServer::start().await;
+    let mut h2 = RawH2::open(&server).await;
+    let block = connect_block(&server, &server.token("attacker"), &[]);
+    let attack = lock_step(&mut h2, RESET_BATCHES, |i| {
+        let mut bytes = Vec::new();
+        for k in 0..RESET_BATCH {
+            let stream = u32::try_from(2 * (i * RESET_BATCH + k) + 1).unwrap();
+            bytes.extend(frame(HEADERS, END_HEADERS, stream, &block));
+            bytes.extend(frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()));
+        }
+        bytes
+    });
+    let ((read, goaway), ()) = tokio::join!(attack, honest_round_trip(&server, "honest"));
+    let goaway = goaway.expect("GOAWAY, then the close");
+    let (last_stream, code) = goaway.goaway();
+    let pairs = (read + 1) * RESET_BATCH;
+    eprintln!(
+        "rapid reset: cut off within the first {pairs} pairs, \
+         GOAWAY last_stream={last_stream} code={code:#x}"
+    );
+    assert_eq!(code, ENHANCE_YOUR_CALM);
+    assert!(pairs <= 1_000, "cut off after {pairs} pairs");
+    // Stream n is the (n + 1) / 2-th request.
+    assert!(last_stream < 2_000, "last stream {last_stream}");
+    honest_round_trip(&server, "after").await;
 }
