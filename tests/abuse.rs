@@ -8,6 +8,7 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use common::{TestServer, WAIT};
@@ -761,5 +762,85 @@ async fn http2_rapid_reset_ends_the_connection() {
     assert!(pairs <= 1_000, "cut off after {pairs} pairs");
     // Stream n is the (n + 1) / 2-th request.
     assert!(last_stream < 2_000, "last stream {last_stream}");
+    honest_round_trip(&server, "after").await;
+}
+
+/// The most CONTINUATION frames the attacker sends. They go out one every
+/// [`CONTINUATION_PACE`], so that what was written when the GOAWAY arrives
+/// is close to what the server had read (no PING can mark progress inside
+/// a header block).
+const CONTINUATION_FRAMES: usize = 400;
+const CONTINUATION_PACE: Duration = Duration::from_millis(5);
+
+/// Sends HEADERS without END_HEADERS and then CONTINUATION frames of
+/// `payload` (never ending the block) until the server closes; returns
+/// how many frames were written before it did, and its GOAWAY.
+async fn continuation_flood(server: &TestServer, payload: &[u8]) -> (usize, Option<Frame>) {
+    let RawH2 { mut reader, write } = RawH2::open(server).await;
+    let block = connect_block(server, &server.token("attacker"), &[]);
+    let stop = AtomicBool::new(false);
+    let attack = async {
+        let mut write = write;
+        if write
+            .write_all(&frame(HEADERS, 0, 1, &block))
+            .await
+            .is_err()
+        {
+            return 0;
+        }
+        let mut sent = 0;
+        while sent < CONTINUATION_FRAMES && !stop.load(Ordering::Relaxed) {
+            if write
+                .write_all(&frame(CONTINUATION, 0, 1, payload))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            sent += 1;
+            tokio::time::sleep(CONTINUATION_PACE).await;
+        }
+        sent
+    };
+    let watch = async {
+        let goaway = reader.until_closed().await;
+        stop.store(true, Ordering::Relaxed);
+        goaway
+    };
+    let (sent, goaway) = tokio::join!(attack, watch);
+    (sent, goaway)
+}
+
+/// An endless CONTINUATION sequence (RUSTSEC-2024-0332): a header block
+/// that never ends, in small frames (each a whole header field, so every
+/// frame decodes) and in full 16 KiB ones. h2 counts the frames of one
+/// block against what `max_header_list_size` (16 KiB) can need and ends
+/// the connection with GOAWAY ENHANCE_YOUR_CALM after a handful, instead
+/// of buffering or decoding without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_continuation_sequence_is_cut_off() {
+    let server = TestServer::start().await;
+    let mut small = Vec::new();
+    literal(&mut small, "x-filler", "a");
+    let mut large = Vec::new();
+    literal(&mut large, "x-filler", &"a".repeat(MAX_FRAME - 16));
+    assert!(large.len() <= MAX_FRAME);
+    for (shape, payload) in [("small", small), ("16 KiB", large)] {
+        let honest = format!("honest-{}", payload.len());
+        let (attack, ()) = tokio::join!(
+            continuation_flood(&server, &payload),
+            honest_round_trip(&server, &honest)
+        );
+        let (sent, goaway) = attack;
+        let code = goaway.as_ref().map(|g| g.goaway().1);
+        eprintln!(
+            "CONTINUATION ({shape}): closed after {sent} frames ({} bytes), GOAWAY {code:x?}",
+            sent * (9 + payload.len())
+        );
+        // h2 allows 5 for a 16 KiB list; the rest is slack for a slow
+        // server (a second of it at this pace).
+        assert!(sent <= 200, "{shape}: {sent} frames before the close");
+        assert_eq!(code, Some(ENHANCE_YOUR_CALM), "{shape}");
+    }
     honest_round_trip(&server, "after").await;
 }
