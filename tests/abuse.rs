@@ -369,6 +369,7 @@ async fn a_frame_with_rsv1_set_closes_the_connection() {
 // HTTP/2, written frame by frame (RFC 9113).
 
 /// Frame types and flags (RFC 9113, section 6).
+const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
@@ -842,5 +843,86 @@ async fn an_endless_continuation_sequence_is_cut_off() {
         assert!(sent <= 200, "{shape}: {sent} frames before the close");
         assert_eq!(code, Some(ENHANCE_YOUR_CALM), "{shape}");
     }
+    honest_round_trip(&server, "after").await;
+}
+
+impl FrameReader {
+    /// The next server WebSocket frame carried in DATA on `stream`;
+    /// `None` if the server ends the stream or the connection first.
+    async fn next_ws_frame(&mut self, stream: u32, buf: &mut Vec<u8>) -> Option<(u8, Vec<u8>)> {
+        loop {
+            if let Some((first, payload, used)) = server_frame(buf) {
+                buf.drain(..used);
+                return Some((first, payload));
+            }
+            let frame = tokio::time::timeout(WAIT, self.next())
+                .await
+                .expect("a frame within the wait")?;
+            match frame.kind {
+                DATA if frame.stream == stream => {
+                    buf.extend_from_slice(&frame.payload);
+                    if frame.flags & END_STREAM != 0 && server_frame(buf).is_none() {
+                        return None;
+                    }
+                }
+                RST_STREAM if frame.stream == stream => return None,
+                GOAWAY => return None,
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next text frame on `stream` as JSON, skipping pings.
+    async fn next_ws_json(&mut self, stream: u32, buf: &mut Vec<u8>) -> Option<Value> {
+        loop {
+            match self.next_ws_frame(stream, buf).await? {
+                (0x81, payload) => return Some(serde_json::from_slice(&payload).unwrap()),
+                (0x89, _) => continue,
+                (first, payload) => panic!("expected a text frame, got {first:#x} {payload:?}"),
+            }
+        }
+    }
+}
+
+/// The empty DATA flood goes in batches of this many frames, 20,000 frames
+/// at most.
+const EMPTY_BATCH: usize = 20;
+const EMPTY_BATCHES: usize = 1_000;
+
+/// A flood of empty DATA frames on an RFC 8441 WebSocket (the "empty
+/// frames" flood of CVE-2019-9518): each is 9 bytes the server must parse
+/// and nothing reaches the session, so no session limit applies. h2 takes
+/// 100 empty DATA frames without END_STREAM over a connection's life and
+/// then ends it with GOAWAY ENHANCE_YOUR_CALM, which ends the WebSocket on
+/// it; an honest client is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_data_frames_on_a_websocket_is_cut_off() {
+    let server = TestServer::start().await;
+    let mut h2 = RawH2::open(&server).await;
+    let block = connect_block(&server, &server.token("flooder"), &[]);
+    h2.send_header_block(1, &block, false).await;
+    let headers = h2.next_headers(1).await;
+    assert_eq!(status_of(&headers.payload), 200);
+    let mut ws = Vec::new();
+    let welcome = h2.reader.next_ws_json(1, &mut ws).await.expect("welcome");
+    assert_eq!(welcome["type"], "welcome");
+    // The WebSocket works: a ping is answered.
+    let ping = client_frame(0x81, json!({"type": "ping"}).to_string().as_bytes());
+    h2.send(&frame(DATA, 0, 1, &ping)).await.unwrap();
+    let pong = h2.reader.next_ws_json(1, &mut ws).await.expect("pong");
+    assert_eq!(pong["type"], "pong");
+
+    let empty = frame(DATA, 0, 1, &[]);
+    let attack = lock_step(&mut h2, EMPTY_BATCHES, |_| empty.repeat(EMPTY_BATCH));
+    let ((read, goaway), ()) = tokio::join!(attack, honest_round_trip(&server, "honest"));
+    let goaway = goaway.expect("GOAWAY, then the close");
+    let frames = (read + 1) * EMPTY_BATCH;
+    eprintln!(
+        "empty DATA: cut off within the first {frames} frames ({} bytes), GOAWAY {:?}",
+        frames * empty.len(),
+        goaway.goaway()
+    );
+    assert_eq!(goaway.goaway().1, ENHANCE_YOUR_CALM);
+    assert!(frames <= 1_000, "cut off after {frames} frames");
     honest_round_trip(&server, "after").await;
 }
