@@ -178,6 +178,22 @@ impl AddressGuard {
         })
     }
 
+    /// Spends one handshake of `ip`'s rate for a further upgrade on a
+    /// connection already admitted (the streams of one HTTP/2
+    /// connection): refused when banned or over the rate, and counted
+    /// against no connection cap.
+    pub fn spend_handshake(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let now = Instant::now();
+        let mut entries = lock(&self.entries);
+        let entry = self
+            .entry(&mut entries, address_key(ip), now)
+            .ok_or(Refusal::OverCapacity)?;
+        if Self::banned(entry, now) || entry.handshakes.check().is_err() {
+            return Err(Refusal::RateLimited);
+        }
+        Ok(())
+    }
+
     /// Whether `ip` is banned now, without counting anything.
     pub fn is_banned(&self, ip: IpAddr) -> bool {
         let now = Instant::now();

@@ -6,7 +6,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Version, header};
@@ -37,6 +37,10 @@ pub struct ConnInfo {
     /// What the connection counts against, held until every session on it
     /// has ended.
     pub hold: Arc<ConnHold>,
+    /// Upgrade requests seen on this connection: every one after the first
+    /// (the streams of an HTTP/2 connection) spends the handshake rate the
+    /// first spent at accept.
+    pub upgrades: AtomicU32,
 }
 
 /// The node-wide connection permit and, for a direct client, its address
@@ -205,9 +209,15 @@ fn upgrade(
         return Err(Refusal::ShuttingDown);
     }
     // Behind a trusted proxy the client is known only now; a direct client
-    // was admitted at accept, and a ban earned since stops it here.
+    // was admitted at accept, and a ban earned since stops it here. Its
+    // further upgrades on the connection (HTTP/2 streams, each a token
+    // verification) spend the handshake rate as new connections would.
+    let first = conn.upgrades.fetch_add(1, Ordering::Relaxed) == 0;
     let address = if state.is_trusted_proxy(conn.peer.ip()) {
         Some(state.addresses.admit(client)?)
+    } else if !first {
+        state.addresses.spend_handshake(client)?;
+        None
     } else if state.addresses.is_banned(client) {
         return Err(Refusal::RateLimited);
     } else {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
@@ -346,6 +346,7 @@ async fn serve_http<IO>(
         client_subject,
         upgraded: AtomicBool::new(false),
         hold: Arc::new(hold),
+        upgrades: AtomicU32::new(0),
     });
     let service = {
         let state = state.clone();

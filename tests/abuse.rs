@@ -319,7 +319,7 @@ async fn a_permessage_deflate_offer_gets_an_upgrade_without_it() {
 /// (section 7.4.1) has 1002 for it and issue 24 asks for 1002; the session
 /// maps every tungstenite protocol error to 1008 `policy_violation`, as
 /// docs/protocol.md says today.
-const PROTOCOL_ERROR_CLOSE: (u16, &str) = (1008, "policy_violation");
+const PROTOCOL_ERROR_CLOSE: (u16, &str) = (1002, "protocol_error");
 
 /// A frame with RSV1 set, as a deflating client frames a compressed
 /// message, ends the connection with a close frame and is not carried out:
@@ -764,6 +764,42 @@ async fn http2_rapid_reset_ends_the_connection() {
     // Stream n is the (n + 1) / 2-th request.
     assert!(last_stream < 2_000, "last stream {last_stream}");
     honest_round_trip(&server, "after").await;
+}
+
+/// WebSocket requests on one HTTP/2 connection that the server takes up,
+/// each cancelled once answered: every one after the connection's first
+/// spends the address's handshake rate (each is a token verification), so
+/// the client is refused with 429 once its burst is spent, as it would be
+/// opening as many TCP connections.
+#[tokio::test]
+async fn upgrades_on_one_http2_connection_spend_the_handshake_rate() {
+    const BURST: usize = 5;
+    let server = TestServer::start_with(|c| {
+        c.limits.handshake_rate_per_ip = 1;
+        c.limits.handshake_burst_per_ip = BURST as u32;
+    })
+    .await;
+    let mut h2 = RawH2::open(&server).await;
+    let block = connect_block(&server, &server.token("reuser"), &[]);
+    let mut statuses = Vec::new();
+    for i in 0..4 * BURST {
+        let stream = u32::try_from(2 * i + 1).unwrap();
+        h2.send_header_block(stream, &block, false).await;
+        let status = status_of(&h2.next_headers(stream).await.payload);
+        h2.send(&frame(RST_STREAM, 0, stream, &CANCEL.to_be_bytes()))
+            .await
+            .unwrap();
+        statuses.push(status);
+        if status == 429 {
+            break;
+        }
+    }
+    let accepted = statuses.iter().filter(|&&s| s == 200).count();
+    eprintln!("upgrades on one HTTP/2 connection: {statuses:?}");
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    // The connection's TLS handshake spent one of the burst, the first
+    // upgrade nothing more; a token may have refilled meanwhile.
+    assert!((BURST..=BURST + 1).contains(&accepted), "{statuses:?}");
 }
 
 /// The most CONTINUATION frames the attacker sends. They go out one every
